@@ -1,0 +1,712 @@
+//! The crash-safe file writer shared by the Traefik sink and the state file: write a temp file
+//! in the same directory, fsync it, rename it over the target, fsync the directory; fall back to
+//! rewriting in place where a Docker single-file bind mount makes the rename impossible.
+//!
+//! Decisions worth knowing:
+//! - The temp file is `.<name>.gatekeeper-tmp-<pid>` next to the target: hidden, and with no
+//!   `.yml`/`.yaml`/`.toml`/`.json` suffix, so a Traefik file provider watching the directory
+//!   never loads a half-written file. Temp files left by a crash (kill -9 between create and
+//!   rename) are swept before every write; in a container the pid is often 1 on every start, so
+//!   the sweep cannot tell "ours" by pid and relies on a process-wide write lock instead.
+//! - Missing parent directories are *not* created: a typo in a path should fail with an error
+//!   naming the directory, not silently write somewhere Traefik is not watching.
+//! - An existing target keeps its permission bits (an operator's `chmod 640` survives); a new
+//!   file gets the process default (0666 minus umask). Owner and group cannot be kept without
+//!   privileges. A symlink at the target is replaced by a regular file.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Replaced atomically: readers saw the old content or the new one, never a mix.
+    Renamed,
+    /// Rewritten in place (truncate, write, fsync) because the rename was impossible, typically
+    /// a Docker single-file bind mount; a reader may briefly have seen a partial file.
+    InPlace,
+    /// The file already held these bytes and was not touched.
+    Unchanged,
+}
+
+/// Why a write failed; each message names the path and the step that failed.
+///
+/// The underlying `io::Error` is part of the message (lowercased) rather than returned by
+/// `source()`, so a `{:#}` chain does not print it twice; [`WriteError::io_error`] gives it back.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The path ends in `..` or `/`, so there is no file name to write.
+    #[error("cannot write {}: the path does not name a file", .path.display())]
+    NoFileName {
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// The directory that should hold the file cannot be listed (missing, not a directory, ...).
+    #[error("cannot use directory {}: {}", .dir.display(), lower(.error))]
+    Directory {
+        /// The parent directory of the target.
+        dir: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// The current content could not be read for comparison.
+    #[error("cannot read {}: {}", .path.display(), lower(.error))]
+    Read {
+        /// The target.
+        path: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// The temp file could not be created.
+    #[error("cannot create temp file {}: {}", .path.display(), lower(.error))]
+    CreateTemp {
+        /// The temp file.
+        path: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// The temp file could not be written, given the target's permissions, or synced.
+    #[error("cannot write temp file {}: {}", .path.display(), lower(.error))]
+    WriteTemp {
+        /// The temp file.
+        path: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// The temp file could not be renamed over the target (and in-place was not an option).
+    #[error("cannot rename {} to {}: {}", .from.display(), .to.display(), lower(.error))]
+    Rename {
+        /// The temp file (already removed again).
+        from: PathBuf,
+        /// The target.
+        to: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// The rename happened but the directory could not be synced, so it may not survive a crash.
+    #[error("cannot sync directory {}: {}", .dir.display(), lower(.error))]
+    SyncDirectory {
+        /// The parent directory of the target.
+        dir: PathBuf,
+        /// What the OS said.
+        error: io::Error,
+    },
+    /// The in-place fallback failed too.
+    #[error(
+        "cannot rewrite {} in place (tried because {}): {}",
+        .path.display(), lower(.reason), lower(.error)
+    )]
+    InPlace {
+        /// The target.
+        path: PathBuf,
+        /// Why the atomic path was abandoned (the rename or temp-file error).
+        reason: io::Error,
+        /// What the OS said to the in-place write.
+        error: io::Error,
+    },
+}
+
+impl WriteError {
+    /// The OS error behind this failure, if there is one.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Self::NoFileName { .. } => None,
+            Self::Directory { error, .. }
+            | Self::Read { error, .. }
+            | Self::CreateTemp { error, .. }
+            | Self::WriteTemp { error, .. }
+            | Self::Rename { error, .. }
+            | Self::SyncDirectory { error, .. }
+            | Self::InPlace { error, .. } => Some(error),
+        }
+    }
+}
+
+/// OS messages start with a capital ("Permission denied"); ours are lowercase throughout.
+fn lower(error: &io::Error) -> String {
+    let text = error.to_string();
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => text,
+    }
+}
+
+/// Serialises every write in the process. Writes are rare and small, and holding this makes
+/// two things safe: the stale-temp sweep cannot delete a temp file another thread is still
+/// writing, and [`write_if_changed`]'s compare-then-write cannot interleave with another write.
+static WRITE_LOCK: Mutex<()> = Mutex::new(());
+
+/// Targets already warned about, so the in-place warning is logged once per process per path.
+static WARNED_IN_PLACE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+fn lock() -> MutexGuard<'static, ()> {
+    // The guarded value is `()`: a panic in another writer leaves nothing inconsistent.
+    WRITE_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Writes `bytes` to `path` unless the file already holds exactly these bytes, in which case it
+/// is not touched at all (no new inode, no mtime change, no Traefik reload).
+pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
+    let _guard = lock();
+    match fs::read(path) {
+        Ok(current) if current == bytes => return Ok(Written::Unchanged),
+        Ok(_) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(WriteError::Read {
+                path: path.to_owned(),
+                error,
+            });
+        }
+    }
+    write_locked(path, bytes)
+}
+
+/// Replaces `path` with `bytes` crash-safely: temp file in the same directory, fsync, rename,
+/// fsync of the directory. Falls back to an in-place rewrite (with a one-time warning) where a
+/// single-file bind mount makes that impossible; see [`Written`].
+pub fn write(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
+    let _guard = lock();
+    write_locked(path, bytes)
+}
+
+fn write_locked(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
+    let (dir, name) = split(path)?;
+    let prefix = temp_prefix(&name);
+    sweep_stale_temps(&dir, &prefix)?;
+
+    let mut temp_name = prefix;
+    temp_name.push(std::process::id().to_string());
+    let temp = dir.join(temp_name);
+
+    let mut file = match OpenOptions::new().write(true).create_new(true).open(&temp) {
+        Ok(file) => file,
+        // A read-only container filesystem with the target bind-mounted writable on its own
+        // (`read_only: true` plus a single-file mount) never gets as far as the rename.
+        Err(error) if temp_refusal_allows_in_place(&error) && path.is_file() => {
+            return in_place_fallback(path, bytes, error);
+        }
+        Err(error) => return Err(WriteError::CreateTemp { path: temp, error }),
+    };
+    if let Err(error) = fill_temp(&mut file, path, bytes) {
+        drop(file);
+        remove_quietly(&temp);
+        return Err(WriteError::WriteTemp { path: temp, error });
+    }
+    drop(file);
+
+    match fs::rename(&temp, path) {
+        Ok(()) => {
+            sync_dir(&dir).map_err(|error| WriteError::SyncDirectory { dir, error })?;
+            Ok(Written::Renamed)
+        }
+        Err(error) => {
+            remove_quietly(&temp);
+            if rename_failure_allows_in_place(&error) {
+                in_place_fallback(path, bytes, error)
+            } else {
+                Err(WriteError::Rename {
+                    from: temp,
+                    to: path.to_owned(),
+                    error,
+                })
+            }
+        }
+    }
+}
+
+/// The directory holding `path` and its file name. A bare file name lives in `.`.
+fn split(path: &Path) -> Result<(PathBuf, OsString), WriteError> {
+    let name = path.file_name().ok_or_else(|| WriteError::NoFileName {
+        path: path.to_owned(),
+    })?;
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    Ok((dir, name.to_owned()))
+}
+
+/// `.<name>.gatekeeper-tmp-`: hidden, and never ending in an extension Traefik loads.
+fn temp_prefix(name: &std::ffi::OsStr) -> OsString {
+    let mut prefix = OsString::from(".");
+    prefix.push(name);
+    prefix.push(".gatekeeper-tmp-");
+    prefix
+}
+
+/// Removes temp files of this target left by an interrupted write. Listing the directory is
+/// also where a missing or unreadable directory is reported, naming it.
+fn sweep_stale_temps(dir: &Path, prefix: &std::ffi::OsStr) -> Result<(), WriteError> {
+    let entries = fs::read_dir(dir).map_err(|error| WriteError::Directory {
+        dir: dir.to_owned(),
+        error,
+    })?;
+    for entry in entries.flatten() {
+        if !entry
+            .file_name()
+            .as_encoded_bytes()
+            .starts_with(prefix.as_encoded_bytes())
+        {
+            continue;
+        }
+        let stale = entry.path();
+        match fs::remove_file(&stale) {
+            Ok(()) => tracing::info!(
+                path = %stale.display(),
+                "removed a temp file left by an interrupted write"
+            ),
+            // Creating the temp file will then fail with an error naming it.
+            Err(error) => tracing::warn!(
+                path = %stale.display(),
+                %error,
+                "cannot remove a temp file left by an interrupted write"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Gives the temp file the target's permission bits, writes it and makes it durable.
+fn fill_temp(file: &mut File, target: &Path, bytes: &[u8]) -> io::Result<()> {
+    if let Ok(meta) = fs::metadata(target) {
+        file.set_permissions(meta.permissions())?;
+    }
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+/// Makes the rename itself durable: without this a crash can bring back the old file.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Directories cannot be opened for syncing here; the rename is as durable as the OS makes it.
+#[cfg(not(unix))]
+fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// Whether a failed rename means "this target cannot be replaced, only rewritten": EBUSY is what
+/// renaming onto a Docker single-file bind mount (a mount point) gives, and EXDEV what some
+/// overlay and bind-mount combinations give.
+fn rename_failure_allows_in_place(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ResourceBusy | io::ErrorKind::CrossesDevices
+    )
+}
+
+/// Whether failing to create the temp file may still leave the target itself writable: the
+/// directory is read-only or not ours while the file is a writable mount of its own.
+fn temp_refusal_allows_in_place(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem
+    )
+}
+
+fn in_place_fallback(path: &Path, bytes: &[u8], reason: io::Error) -> Result<Written, WriteError> {
+    if first_in_place_for(path) {
+        tracing::warn!(
+            path = %path.display(),
+            reason = %reason,
+            "cannot replace the file atomically, so it is rewritten in place and a reader may \
+             see it half-written; mount its directory into the container instead of the single \
+             file"
+        );
+    }
+    match rewrite_in_place(path, bytes) {
+        Ok(()) => Ok(Written::InPlace),
+        Err(error) => Err(WriteError::InPlace {
+            path: path.to_owned(),
+            reason,
+            error,
+        }),
+    }
+}
+
+/// True the first time it is asked about `path` in this process.
+fn first_in_place_for(path: &Path) -> bool {
+    let mut warned = WARNED_IN_PLACE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    warned.insert(path.to_owned())
+}
+
+/// Truncates the existing file and writes `bytes` into the same inode, which is all a bind
+/// mount allows. It must already exist: a bind-mounted file always does, and creating it here
+/// would hide a wrong path.
+fn rewrite_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new().write(true).truncate(true).open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(error) = fs::remove_file(path) {
+        tracing::warn!(path = %path.display(), %error, "cannot remove temp file");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names_in(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn creates_then_replaces_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("gatekeeper.yml");
+
+        assert_eq!(write(&target, b"first\n").unwrap(), Written::Renamed);
+        assert_eq!(fs::read(&target).unwrap(), b"first\n");
+        assert_eq!(write(&target, b"second\n").unwrap(), Written::Renamed);
+        assert_eq!(fs::read(&target).unwrap(), b"second\n");
+        assert_eq!(names_in(dir.path()), ["gatekeeper.yml"]);
+    }
+
+    #[test]
+    fn write_if_changed_writes_new_and_changed_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("state.json");
+
+        assert_eq!(write_if_changed(&target, b"{}").unwrap(), Written::Renamed);
+        assert_eq!(
+            write_if_changed(&target, b"{\"a\":1}").unwrap(),
+            Written::Renamed
+        );
+        assert_eq!(fs::read(&target).unwrap(), b"{\"a\":1}");
+    }
+
+    #[test]
+    fn unchanged_content_is_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("gatekeeper.yml");
+        write(&target, b"same\n").unwrap();
+        let before = fs::metadata(&target).unwrap();
+
+        assert_eq!(
+            write_if_changed(&target, b"same\n").unwrap(),
+            Written::Unchanged
+        );
+
+        let after = fs::metadata(&target).unwrap();
+        assert_eq!(before.modified().unwrap(), after.modified().unwrap());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            // A rename would have brought a new inode.
+            assert_eq!(before.ino(), after.ino());
+        }
+    }
+
+    #[test]
+    fn no_temp_files_are_left_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("gatekeeper.yml");
+        for i in 0..5 {
+            write_if_changed(&target, format!("v{i}").as_bytes()).unwrap();
+        }
+        assert_eq!(names_in(dir.path()), ["gatekeeper.yml"]);
+    }
+
+    #[test]
+    fn failed_rename_removes_the_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A non-empty directory cannot be replaced by a file.
+        let target = dir.path().join("taken");
+        fs::create_dir(&target).unwrap();
+        fs::write(target.join("inside"), b"x").unwrap();
+
+        let error = write(&target, b"content").unwrap_err();
+
+        assert!(matches!(error, WriteError::Rename { .. }), "{error:?}");
+        assert!(error.to_string().starts_with("cannot rename "), "{error}");
+        assert_eq!(names_in(dir.path()), ["taken"]);
+    }
+
+    #[test]
+    fn missing_directory_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("not-there");
+        let target = missing.join("gatekeeper.yml");
+
+        let error = write(&target, b"x").unwrap_err();
+
+        match &error {
+            WriteError::Directory { dir, error } => {
+                assert_eq!(dir, &missing);
+                assert_eq!(error.kind(), io::ErrorKind::NotFound);
+            }
+            other => panic!("expected a directory error, got {other:?}"),
+        }
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("cannot use directory {}: ", missing.display())),
+            "{message}"
+        );
+        // Lowercase throughout, as the OS text is folded.
+        assert!(message.contains(": no such file"), "{message}");
+        assert!(!missing.exists(), "the directory must not be created");
+        assert!(error.io_error().is_some());
+    }
+
+    #[test]
+    fn write_if_changed_reports_a_missing_directory_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("not-there/state.json");
+        let error = write_if_changed(&target, b"x").unwrap_err();
+        assert!(matches!(error, WriteError::Directory { .. }), "{error:?}");
+    }
+
+    #[test]
+    fn path_without_file_name_is_rejected() {
+        let error = write(Path::new("/"), b"x").unwrap_err();
+        assert!(matches!(error, WriteError::NoFileName { .. }), "{error:?}");
+        assert_eq!(
+            error.to_string(),
+            "cannot write /: the path does not name a file"
+        );
+        assert!(error.io_error().is_none());
+    }
+
+    #[test]
+    fn stale_temp_files_from_a_crash_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("gatekeeper.yml");
+        fs::write(&target, b"old").unwrap();
+        // A kill -9 between create and rename; the pid may well equal ours (pid 1 in containers).
+        let stale = dir.path().join(".gatekeeper.yml.gatekeeper-tmp-12345");
+        let stale_same_pid = dir.path().join(format!(
+            ".gatekeeper.yml.gatekeeper-tmp-{}",
+            std::process::id()
+        ));
+        fs::write(&stale, b"half").unwrap();
+        fs::write(&stale_same_pid, b"half").unwrap();
+        // Another file's temp and look-alikes are none of this write's business.
+        let other = dir.path().join(".state.json.gatekeeper-tmp-1");
+        fs::write(&other, b"other").unwrap();
+        fs::write(dir.path().join("gatekeeper.yml.bak"), b"keep").unwrap();
+
+        assert_eq!(write(&target, b"new").unwrap(), Written::Renamed);
+
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        assert_eq!(
+            names_in(dir.path()),
+            [
+                ".state.json.gatekeeper-tmp-1",
+                "gatekeeper.yml",
+                "gatekeeper.yml.bak"
+            ]
+        );
+    }
+
+    #[test]
+    fn temp_names_are_hidden_and_never_loaded_by_traefik() {
+        let prefix = temp_prefix(std::ffi::OsStr::new("gatekeeper.yml"));
+        assert_eq!(prefix, ".gatekeeper.yml.gatekeeper-tmp-");
+        let mut name = prefix;
+        name.push("1");
+        let name = name.to_string_lossy().into_owned();
+        assert!(name.starts_with('.'));
+        for extension in [".yml", ".yaml", ".toml", ".json"] {
+            assert!(!name.ends_with(extension), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_bare_file_name_lives_in_the_current_directory() {
+        let (dir, name) = split(Path::new("gatekeeper.yml")).unwrap();
+        assert_eq!(dir, Path::new("."));
+        assert_eq!(name, "gatekeeper.yml");
+        let (dir, _) = split(Path::new("/data/traefik/gatekeeper.yml")).unwrap();
+        assert_eq!(dir, Path::new("/data/traefik"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn existing_permissions_are_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("gatekeeper.yml");
+        fs::write(&target, b"old").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o640)).unwrap();
+
+        assert_eq!(write(&target, b"new").unwrap(), Written::Renamed);
+
+        let mode = fs::metadata(&target).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+    }
+
+    #[test]
+    fn busy_and_cross_device_renames_fall_back_to_in_place() {
+        // EBUSY (16): renaming onto a single-file bind mount; EXDEV (18): across mounts.
+        #[cfg(target_os = "linux")]
+        for raw in [16, 18] {
+            let error = io::Error::from_raw_os_error(raw);
+            assert!(rename_failure_allows_in_place(&error), "{error}");
+        }
+        assert!(rename_failure_allows_in_place(&io::Error::from(
+            io::ErrorKind::ResourceBusy
+        )));
+        assert!(rename_failure_allows_in_place(&io::Error::from(
+            io::ErrorKind::CrossesDevices
+        )));
+    }
+
+    #[test]
+    fn other_rename_failures_do_not_fall_back() {
+        for kind in [
+            io::ErrorKind::PermissionDenied,
+            io::ErrorKind::NotFound,
+            io::ErrorKind::IsADirectory,
+            io::ErrorKind::StorageFull,
+        ] {
+            assert!(!rename_failure_allows_in_place(&io::Error::from(kind)));
+        }
+        #[cfg(target_os = "linux")]
+        for raw in [1, 2, 13, 21, 28, 39] {
+            let error = io::Error::from_raw_os_error(raw);
+            assert!(!rename_failure_allows_in_place(&error), "{error}");
+        }
+    }
+
+    #[test]
+    fn only_permission_problems_with_the_temp_file_fall_back() {
+        assert!(temp_refusal_allows_in_place(&io::Error::from(
+            io::ErrorKind::PermissionDenied
+        )));
+        assert!(temp_refusal_allows_in_place(&io::Error::from(
+            io::ErrorKind::ReadOnlyFilesystem
+        )));
+        assert!(!temp_refusal_allows_in_place(&io::Error::from(
+            io::ErrorKind::StorageFull
+        )));
+        assert!(!temp_refusal_allows_in_place(&io::Error::from(
+            io::ErrorKind::AlreadyExists
+        )));
+    }
+
+    #[test]
+    fn in_place_rewrite_truncates_and_keeps_the_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("dynamic-whitelist.yml");
+        fs::write(&target, b"a much longer old content\n").unwrap();
+        let before = fs::metadata(&target).unwrap();
+
+        rewrite_in_place(&target, b"short\n").unwrap();
+
+        assert_eq!(fs::read(&target).unwrap(), b"short\n");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            let after = fs::metadata(&target).unwrap();
+            assert_eq!(
+                before.ino(),
+                after.ino(),
+                "a bind mount needs the same inode"
+            );
+        }
+        #[cfg(not(unix))]
+        let _ = before;
+        assert_eq!(names_in(dir.path()), ["dynamic-whitelist.yml"]);
+    }
+
+    #[test]
+    fn in_place_fallback_reports_written_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("dynamic-whitelist.yml");
+        fs::write(&target, b"old").unwrap();
+
+        let written = in_place_fallback(
+            &target,
+            b"new",
+            io::Error::from(io::ErrorKind::ResourceBusy),
+        );
+
+        assert_eq!(written.unwrap(), Written::InPlace);
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+    }
+
+    #[test]
+    fn in_place_never_creates_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("absent.yml");
+
+        let error = in_place_fallback(&target, b"x", io::Error::from_raw_os_error(16)).unwrap_err();
+
+        assert!(matches!(error, WriteError::InPlace { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("cannot rewrite {} in place", target.display())),
+            "{message}"
+        );
+        assert!(!target.exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn read_only_directory_with_a_writable_file_is_rewritten_in_place() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("dynamic-whitelist.yml");
+        fs::write(&target, b"old").unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o555)).unwrap();
+        // Root ignores directory permissions, so there is nothing to observe.
+        let probe = dir.path().join("probe");
+        let privileged = fs::write(&probe, b"").is_ok();
+
+        let written = write(&target, b"new");
+
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let expected = if privileged {
+            Written::Renamed
+        } else {
+            Written::InPlace
+        };
+        assert_eq!(written.unwrap(), expected);
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+    }
+
+    #[test]
+    fn the_in_place_warning_is_given_once_per_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = dir.path().join("a.yml");
+        let second = dir.path().join("b.yml");
+        assert!(first_in_place_for(&first));
+        assert!(!first_in_place_for(&first));
+        assert!(first_in_place_for(&second));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn messages_are_lowercase() {
+        let error = WriteError::CreateTemp {
+            path: PathBuf::from("/x/.y.gatekeeper-tmp-1"),
+            error: io::Error::from_raw_os_error(13),
+        };
+        let message = error.to_string();
+        assert!(
+            message
+                .starts_with("cannot create temp file /x/.y.gatekeeper-tmp-1: permission denied"),
+            "{message}"
+        );
+    }
+}

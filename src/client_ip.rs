@@ -1,0 +1,795 @@
+//! Who the client is: the TCP peer, the trusted-proxy walk of `X-Forwarded-For`, address
+//! normalisation, IPv6 prefixes, and the networks that must never be granted.
+//!
+//! The walk relies on one fact: everything at and right of the first address appended by a
+//! trusted proxy was written by trusted proxies, and everything left of it was written by the
+//! client. So the chain is read right to left, trusted hops are skipped, and the first address
+//! that is not a trusted proxy is the client. Anything the walk cannot read stops it: stepping
+//! over it would reach the part of the header the client wrote.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Mutex, PoisonError};
+
+use ipnet::IpNet;
+use thiserror::Error;
+use tracing::{debug, warn};
+
+/// Upper bound on the bytes of all `X-Forwarded-For` values of one request together.
+const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// Upper bound on the elements walked; no real deployment chains this many trusted proxies.
+const MAX_HOPS: usize = 32;
+/// Characters of a malformed element kept in a [`Refusal::Malformed`].
+const MAX_ELEMENT_CHARS: usize = 64;
+/// Addresses remembered for the once-per-address warning, so the set cannot grow unbounded.
+const MAX_WARNED: usize = 1024;
+
+/// Why a request yields no client address, or no network that may be granted.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    /// The TCP peer is not a trusted proxy, so nothing it says is believed.
+    #[error("peer {0} is not a trusted proxy")]
+    UntrustedPeer(IpAddr),
+    /// An `X-Forwarded-For` element that is not an address (truncated, lossy UTF-8).
+    #[error("malformed x-forwarded-for element {0:?}")]
+    Malformed(String),
+    /// The walk went past [`MAX_HOPS`] trusted hops; holds the header's element count.
+    #[error("x-forwarded-for has {0} elements and the last {max} are all trusted proxies", max = MAX_HOPS)]
+    TooManyHops(usize),
+    /// The `X-Forwarded-For` values together exceed [`MAX_HEADER_BYTES`]; holds their length.
+    #[error("x-forwarded-for is {0} bytes, over the limit of {max}", max = MAX_HEADER_BYTES)]
+    HeaderTooLong(usize),
+    /// The client is itself a trusted proxy: a proxy in front is hiding client addresses.
+    #[error("client {0} is a trusted proxy")]
+    ClientIsTrustedProxy(IpAddr),
+    /// The network to grant overlaps this `always_allow` range.
+    #[error("client network overlaps always_allow range {0}")]
+    AlwaysAllowed(IpNet),
+    /// The client's network (an IPv6 prefix) overlaps a trusted proxy range that does not
+    /// contain the client address itself.
+    #[error("client network {network} overlaps trusted proxy range {proxy}")]
+    NetworkHoldsTrustedProxy {
+        /// The network that would have been granted.
+        network: IpNet,
+        /// The trusted proxy range it overlaps.
+        proxy: IpNet,
+    },
+}
+
+/// Maps `::ffff:a.b.c.d` to `a.b.c.d`, so that a dual-stack socket and an IPv4 socket see the
+/// same client, and IPv4 ranges match it.
+pub fn normalise(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// Resolves client addresses from requests and turns them into networks that may be granted.
+#[derive(Debug)]
+pub struct ClientIp {
+    trusted: Vec<IpNet>,
+    always_allow: Vec<IpNet>,
+    ipv6_prefix: u8,
+    /// Trusted proxies already reported as the client, so a misconfiguration warns once per
+    /// address instead of once per request.
+    warned: Mutex<HashSet<IpAddr>>,
+}
+
+impl ClientIp {
+    /// Builds a resolver from the trusted proxy ranges, every `always_allow` range (global plus
+    /// every service's) and the prefix length granted to IPv6 clients (clamped to 128).
+    pub fn new(trusted_proxies: Vec<IpNet>, always_allow: Vec<IpNet>, ipv6_prefix: u8) -> Self {
+        Self {
+            trusted: trusted_proxies,
+            always_allow,
+            ipv6_prefix: ipv6_prefix.min(128),
+            warned: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Is this peer (normalised) inside a trusted proxy range?
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = normalise(ip);
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client address, or why there is none. `xff` is every `X-Forwarded-For` header value
+    /// in the order received; several values are read as one comma-separated list.
+    ///
+    /// Empty elements (`a, , b`, a trailing comma, an empty header) are refused as
+    /// [`Refusal::Malformed`] rather than skipped: right of the client they can only come from
+    /// a trusted proxy that did not know its peer, and skipping them would take the next
+    /// address to the left, which the client may have forged.
+    pub fn resolve<'a>(
+        &self,
+        peer: IpAddr,
+        xff: impl IntoIterator<Item = &'a http::HeaderValue>,
+    ) -> Result<IpAddr, Refusal> {
+        let peer = normalise(peer);
+        if !self.is_trusted(peer) {
+            return Err(Refusal::UntrustedPeer(peer));
+        }
+
+        // Lengths are known without reading the bytes, so count them all for the message but
+        // keep only what fits the limit.
+        let mut values = Vec::new();
+        let mut total = 0usize;
+        for value in xff {
+            total = total.saturating_add(value.len());
+            if total <= MAX_HEADER_BYTES {
+                values.push(value.as_bytes());
+            }
+        }
+        if total > MAX_HEADER_BYTES {
+            return Err(Refusal::HeaderTooLong(total));
+        }
+
+        // With no header the peer is the client, and it is a trusted proxy.
+        let mut last_trusted = peer;
+        let mut walked = 0usize;
+        for value in values.iter().rev() {
+            for element in value.rsplit(|&b| b == b',') {
+                walked += 1;
+                if walked > MAX_HOPS {
+                    return Err(Refusal::TooManyHops(count_elements(&values)));
+                }
+                let ip = normalise(parse_element(element)?);
+                if !self.is_trusted(ip) {
+                    return Ok(ip);
+                }
+                last_trusted = ip;
+            }
+        }
+        Err(Refusal::ClientIsTrustedProxy(last_trusted))
+    }
+
+    /// The network to grant for a resolved client: IPv4 as a /32, IPv6 as its `ipv6_prefix`
+    /// network. Refused when it overlaps (either contains the other) a trusted proxy range or
+    /// an `always_allow` range: granting those would open the proxy's whole traffic, or add
+    /// nothing but an entry that hides the static one.
+    pub fn grantable(&self, client: IpAddr) -> Result<IpNet, Refusal> {
+        let client = normalise(client);
+        let prefix = match client {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => self.ipv6_prefix,
+        };
+        // Cannot fail (`new` clamps the IPv6 prefix); the host network is the safe fallback.
+        let network = IpNet::new(client, prefix)
+            .map(|net| net.trunc())
+            .unwrap_or_else(|_| IpNet::from(client));
+
+        if let Some(proxy) = self.trusted.iter().find(|r| overlaps(&network, r)) {
+            return Err(if proxy.contains(&client) {
+                Refusal::ClientIsTrustedProxy(client)
+            } else {
+                Refusal::NetworkHoldsTrustedProxy {
+                    network,
+                    proxy: *proxy,
+                }
+            });
+        }
+        if let Some(range) = self.always_allow.iter().find(|r| overlaps(&network, r)) {
+            return Err(Refusal::AlwaysAllowed(*range));
+        }
+        Ok(network)
+    }
+
+    /// [`resolve`](Self::resolve) then [`grantable`](Self::grantable). A trusted proxy showing
+    /// up as the client is a deployment problem, so it is warned about once per address; every
+    /// other refusal may be hostile input and is logged at debug level only.
+    pub fn network_to_grant<'a>(
+        &self,
+        peer: IpAddr,
+        xff: impl IntoIterator<Item = &'a http::HeaderValue>,
+    ) -> Result<IpNet, Refusal> {
+        let result = self
+            .resolve(peer, xff)
+            .and_then(|client| self.grantable(client));
+        match &result {
+            Ok(_) => {}
+            Err(Refusal::ClientIsTrustedProxy(proxy)) if self.first_warning(*proxy) => {
+                warn!(
+                    %peer,
+                    %proxy,
+                    "a trusted proxy arrived as the client: the proxy in front is hiding client \
+                     addresses (Docker's userland proxy does this; publish the port in host mode \
+                     or run the proxy with network_mode: host); nothing is granted"
+                );
+            }
+            Err(refusal) => debug!(%peer, %refusal, "no network to grant"),
+        }
+        result
+    }
+
+    /// Records `proxy` as warned about; true the first time, while there is room to remember.
+    fn first_warning(&self, proxy: IpAddr) -> bool {
+        // A poisoned set is still a valid set; losing a warning beats panicking on a request.
+        let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
+        warned.len() < MAX_WARNED && warned.insert(proxy)
+    }
+
+    /// How many addresses have been warned about (a test hook).
+    #[cfg(test)]
+    pub(crate) fn warned_count(&self) -> usize {
+        self.warned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// Either network contains the other's network address.
+fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Elements in all values, for the [`Refusal::TooManyHops`] message.
+fn count_elements(values: &[&[u8]]) -> usize {
+    values
+        .iter()
+        .map(|v| v.iter().filter(|&&b| b == b',').count() + 1)
+        .sum()
+}
+
+/// One element: `1.2.3.4`, `1.2.3.4:8080`, `::1`, `fe80::1%eth0`, `[2001:db8::1]` or
+/// `[2001:db8::1]:443`, surrounded by optional whitespace.
+fn parse_element(raw: &[u8]) -> Result<IpAddr, Refusal> {
+    std::str::from_utf8(raw)
+        .ok()
+        .and_then(|text| parse_address(text.trim()))
+        .ok_or_else(|| {
+            let text = String::from_utf8_lossy(raw);
+            Refusal::Malformed(text.trim().chars().take(MAX_ELEMENT_CHARS).collect())
+        })
+}
+
+fn parse_address(text: &str) -> Option<IpAddr> {
+    if let Some(rest) = text.strip_prefix('[') {
+        let (inside, after) = rest.split_once(']')?;
+        if !after.is_empty() {
+            parse_port(after.strip_prefix(':')?)?;
+        }
+        return parse_ipv6_with_zone(inside).map(IpAddr::V6);
+    }
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    // A single colon can only be IPv4 with a port; IPv6 with a port needs brackets.
+    if let Some((host, port)) = text.split_once(':') {
+        if !port.contains(':') {
+            parse_port(port)?;
+            return host.parse::<Ipv4Addr>().ok().map(IpAddr::V4);
+        }
+    }
+    parse_ipv6_with_zone(text).map(IpAddr::V6)
+}
+
+/// An IPv6 address with an optional zone id, which is dropped: it names an interface of the
+/// proxy's host and says nothing about who the client is.
+fn parse_ipv6_with_zone(text: &str) -> Option<Ipv6Addr> {
+    let addr = match text.split_once('%') {
+        Some((addr, zone)) => {
+            let zone_ok = !zone.is_empty()
+                && zone
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            zone_ok.then_some(addr)?
+        }
+        None => text,
+    };
+    addr.parse().ok()
+}
+
+/// A decimal port; obfuscated ports (`_abc`) and out-of-range numbers are refused.
+fn parse_port(text: &str) -> Option<u16> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+    use std::io::Write;
+    use std::sync::Arc;
+
+    const TRUSTED: &[&str] = &[
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        // A proxy with a public IPv6 address, to test a client /64 that contains it.
+        "2001:db8:1::1/128",
+    ];
+    const ALWAYS_ALLOW: &[&str] = &["203.0.113.7/32", "2001:db8:5::7/128"];
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    fn resolver(ipv6_prefix: u8) -> ClientIp {
+        ClientIp::new(
+            TRUSTED.iter().map(|s| net(s)).collect(),
+            ALWAYS_ALLOW.iter().map(|s| net(s)).collect(),
+            ipv6_prefix,
+        )
+    }
+
+    fn headers(values: &[&[u8]]) -> Vec<HeaderValue> {
+        values
+            .iter()
+            .map(|v| HeaderValue::from_bytes(v).unwrap())
+            .collect()
+    }
+
+    /// `count` copies of `hop`, comma separated.
+    fn chain(prefix: &str, hop: &str, count: usize) -> Vec<u8> {
+        let mut parts = vec![prefix.to_owned()];
+        parts.extend(std::iter::repeat_n(hop.to_owned(), count));
+        parts.retain(|p| !p.is_empty());
+        parts.join(", ").into_bytes()
+    }
+
+    struct Case {
+        name: &'static str,
+        peer: &'static str,
+        xff: Vec<Vec<u8>>,
+        ipv6_prefix: u8,
+        want: Result<IpNet, Refusal>,
+    }
+
+    fn case(
+        name: &'static str,
+        peer: &'static str,
+        xff: &[&[u8]],
+        want: Result<IpNet, Refusal>,
+    ) -> Case {
+        Case {
+            name,
+            peer,
+            xff: xff.iter().map(|v| v.to_vec()).collect(),
+            ipv6_prefix: 64,
+            want,
+        }
+    }
+
+    fn malformed(s: &str) -> Result<IpNet, Refusal> {
+        Err(Refusal::Malformed(s.to_owned()))
+    }
+
+    fn cases() -> Vec<Case> {
+        use Refusal::*;
+        let client = Ok(net("203.0.113.9/32"));
+        vec![
+            case(
+                "untrusted peer with a forged header",
+                "198.51.100.20",
+                &[b"203.0.113.9"],
+                Err(UntrustedPeer(ip("198.51.100.20"))),
+            ),
+            case(
+                "untrusted mapped peer is normalised in the refusal",
+                "::ffff:198.51.100.20",
+                &[],
+                Err(UntrustedPeer(ip("198.51.100.20"))),
+            ),
+            case(
+                "forged left part of the chain",
+                "10.0.0.2",
+                &[b"6.6.6.6, 203.0.113.9"],
+                client.clone(),
+            ),
+            case(
+                "several trusted hops on the right",
+                "127.0.0.1",
+                &[b"203.0.113.9, 192.168.1.1, fd00::3, 10.1.2.3"],
+                client.clone(),
+            ),
+            case(
+                "ipv6 client gets its /64",
+                "10.0.0.2",
+                &[b"2001:db8:abcd:1234:aaaa:bbbb:cccc:dddd"],
+                Ok(net("2001:db8:abcd:1234::/64")),
+            ),
+            Case {
+                ipv6_prefix: 56,
+                ..case(
+                    "ipv6 client gets its /56 with a different prefix",
+                    "10.0.0.2",
+                    &[b"2001:db8:abcd:1234:aaaa:bbbb:cccc:dddd"],
+                    Ok(net("2001:db8:abcd:1200::/56")),
+                )
+            },
+            Case {
+                ipv6_prefix: 128,
+                ..case(
+                    "ipv6 prefix 128 grants the address alone",
+                    "10.0.0.2",
+                    &[b"2001:db8:abcd::9"],
+                    Ok(net("2001:db8:abcd::9/128")),
+                )
+            },
+            case(
+                "mapped ipv4 peer",
+                "::ffff:10.0.0.2",
+                &[b"203.0.113.9"],
+                client.clone(),
+            ),
+            case(
+                "mapped ipv4 in the header",
+                "10.0.0.2",
+                &[b"::ffff:203.0.113.9"],
+                client.clone(),
+            ),
+            case(
+                "mapped trusted hop is skipped",
+                "10.0.0.2",
+                &[b"203.0.113.9, ::ffff:192.168.0.1"],
+                client.clone(),
+            ),
+            case(
+                "docker gateway without a header",
+                "172.17.0.1",
+                &[],
+                Err(ClientIsTrustedProxy(ip("172.17.0.1"))),
+            ),
+            case(
+                "docker gateway as the only hop",
+                "10.0.0.2",
+                &[b"172.17.0.1"],
+                Err(ClientIsTrustedProxy(ip("172.17.0.1"))),
+            ),
+            case(
+                "ipv6 loopback all the way",
+                "::1",
+                &[b"::1"],
+                Err(ClientIsTrustedProxy(ip("::1"))),
+            ),
+            case(
+                "zone id is dropped",
+                "10.0.0.2",
+                &[b"2001:db8:abcd::1%eth0"],
+                Ok(net("2001:db8:abcd::/64")),
+            ),
+            case(
+                "zone id inside brackets with a port",
+                "10.0.0.2",
+                &[b"[2001:db8:abcd::1%eth0]:443"],
+                Ok(net("2001:db8:abcd::/64")),
+            ),
+            case(
+                "empty zone id",
+                "10.0.0.2",
+                &[b"2001:db8:abcd::1%"],
+                malformed("2001:db8:abcd::1%"),
+            ),
+            case(
+                "zone id on ipv4",
+                "10.0.0.2",
+                &[b"203.0.113.9%eth0"],
+                malformed("203.0.113.9%eth0"),
+            ),
+            case(
+                "garbage at the right is not skipped",
+                "10.0.0.2",
+                &[b"203.0.113.9, unknown"],
+                malformed("unknown"),
+            ),
+            case(
+                "obfuscated identifier between client and trusted hop",
+                "10.0.0.2",
+                &[b"203.0.113.9, _hidden, 10.0.0.3"],
+                malformed("_hidden"),
+            ),
+            case(
+                "garbage left of the client is never read",
+                "10.0.0.2",
+                &[b"garbage, \xff, 203.0.113.9"],
+                client.clone(),
+            ),
+            case(
+                "bracketed ipv6 with a port",
+                "10.0.0.2",
+                &[b"[2001:db8:abcd::1]:443"],
+                Ok(net("2001:db8:abcd::/64")),
+            ),
+            case(
+                "bracketed ipv6 without a port",
+                "10.0.0.2",
+                &[b" [2001:db8:abcd::1] "],
+                Ok(net("2001:db8:abcd::/64")),
+            ),
+            case(
+                "bracketed ipv4",
+                "10.0.0.2",
+                &[b"[203.0.113.9]"],
+                malformed("[203.0.113.9]"),
+            ),
+            case(
+                "ipv4 with a port",
+                "10.0.0.2",
+                &[b"203.0.113.9:8080"],
+                client.clone(),
+            ),
+            case(
+                "ipv4 with an obfuscated port",
+                "10.0.0.2",
+                &[b"203.0.113.9:_p1"],
+                malformed("203.0.113.9:_p1"),
+            ),
+            case(
+                "ipv4 with a port out of range",
+                "10.0.0.2",
+                &[b"203.0.113.9:65536"],
+                malformed("203.0.113.9:65536"),
+            ),
+            case(
+                "ipv4 with leading zeros is ambiguous",
+                "10.0.0.2",
+                &[b"010.0.0.1"],
+                malformed("010.0.0.1"),
+            ),
+            case(
+                "non-utf-8 bytes",
+                "10.0.0.2",
+                &[b"203.0.113.9, 1.2.3.\xff\xfe"],
+                malformed("1.2.3.\u{FFFD}\u{FFFD}"),
+            ),
+            case(
+                "multiple headers are one list, in order",
+                "10.0.0.2",
+                &[b"6.6.6.6, 203.0.113.9", b"10.0.0.1"],
+                client.clone(),
+            ),
+            case(
+                "multiple headers: the last one's client wins",
+                "10.0.0.2",
+                &[b"6.6.6.6", b"203.0.113.9"],
+                client.clone(),
+            ),
+            case(
+                "trailing comma is an unknown hop",
+                "10.0.0.2",
+                &[b"203.0.113.9,"],
+                malformed(""),
+            ),
+            case(
+                "empty header is an unknown hop",
+                "10.0.0.2",
+                &[b"203.0.113.9", b""],
+                malformed(""),
+            ),
+            case(
+                "always_allow address",
+                "10.0.0.2",
+                &[b"203.0.113.7"],
+                Err(AlwaysAllowed(net("203.0.113.7/32"))),
+            ),
+            case(
+                "ipv6 /64 containing an always_allow /128",
+                "10.0.0.2",
+                &[b"2001:db8:5::1"],
+                Err(AlwaysAllowed(net("2001:db8:5::7/128"))),
+            ),
+            case(
+                "ipv6 /64 containing a trusted /128 proxy",
+                "10.0.0.2",
+                &[b"2001:db8:1::99"],
+                Err(NetworkHoldsTrustedProxy {
+                    network: net("2001:db8:1::/64"),
+                    proxy: net("2001:db8:1::1/128"),
+                }),
+            ),
+            case(
+                "malformed element is truncated",
+                "10.0.0.2",
+                &[&[b'x'; 100]],
+                malformed(&"x".repeat(MAX_ELEMENT_CHARS)),
+            ),
+            Case {
+                xff: vec![vec![b'1'; MAX_HEADER_BYTES + 1]],
+                ..case(
+                    "oversize header",
+                    "10.0.0.2",
+                    &[],
+                    Err(HeaderTooLong(MAX_HEADER_BYTES + 1)),
+                )
+            },
+            Case {
+                xff: vec![vec![b'1'; 5000], vec![b'2'; 5000]],
+                ..case(
+                    "oversize over several headers",
+                    "10.0.0.2",
+                    &[],
+                    Err(HeaderTooLong(10_000)),
+                )
+            },
+            Case {
+                xff: vec![chain("203.0.113.9", "10.0.0.1", MAX_HOPS - 1)],
+                ..case(
+                    "client at the last hop walked",
+                    "10.0.0.2",
+                    &[],
+                    client.clone(),
+                )
+            },
+            Case {
+                xff: vec![chain("203.0.113.9", "10.0.0.1", MAX_HOPS)],
+                ..case(
+                    "client beyond the last hop walked",
+                    "10.0.0.2",
+                    &[],
+                    Err(TooManyHops(MAX_HOPS + 1)),
+                )
+            },
+            Case {
+                xff: vec![chain("", "10.0.0.1", 100)],
+                ..case(
+                    "too many trusted hops",
+                    "10.0.0.2",
+                    &[],
+                    Err(TooManyHops(100)),
+                )
+            },
+        ]
+    }
+
+    #[test]
+    fn table() {
+        let cases = cases();
+        assert!(cases.len() >= 14);
+        for c in cases {
+            let resolver = resolver(c.ipv6_prefix);
+            let values = c
+                .xff
+                .iter()
+                .map(|v| HeaderValue::from_bytes(v).unwrap())
+                .collect::<Vec<_>>();
+            let got = resolver.network_to_grant(ip(c.peer), &values);
+            assert_eq!(got, c.want, "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn resolve_returns_the_client_address() {
+        let values = headers(&[b"6.6.6.6, [2001:db8:abcd::5]:443, 10.0.0.1"]);
+        assert_eq!(
+            resolver(64).resolve(ip("127.0.0.1"), &values),
+            Ok(ip("2001:db8:abcd::5"))
+        );
+    }
+
+    #[test]
+    fn grantable_refuses_trusted_and_always_allowed_clients() {
+        let r = resolver(64);
+        assert_eq!(
+            r.grantable(ip("10.9.8.7")),
+            Err(Refusal::ClientIsTrustedProxy(ip("10.9.8.7")))
+        );
+        assert_eq!(
+            r.grantable(ip("::ffff:10.9.8.7")),
+            Err(Refusal::ClientIsTrustedProxy(ip("10.9.8.7")))
+        );
+        assert_eq!(
+            r.grantable(ip("203.0.113.7")),
+            Err(Refusal::AlwaysAllowed(net("203.0.113.7/32")))
+        );
+        assert_eq!(r.grantable(ip("203.0.113.8")), Ok(net("203.0.113.8/32")));
+    }
+
+    #[test]
+    fn a_wide_ipv6_prefix_cannot_cover_a_trusted_range() {
+        // A /0 grant would contain every trusted range; the first one found is named.
+        let r = resolver(0);
+        assert_eq!(
+            r.grantable(ip("2001:db8:abcd::1")),
+            Err(Refusal::NetworkHoldsTrustedProxy {
+                network: net("::/0"),
+                proxy: net("::1/128"),
+            })
+        );
+        assert_eq!(ClientIp::new(vec![], vec![], 200).ipv6_prefix, 128);
+    }
+
+    #[test]
+    fn odd_input_never_panics() {
+        let r = resolver(64);
+        let odd: &[&[u8]] = &[
+            b"",
+            b",",
+            b",,,,",
+            b"[",
+            b"]",
+            b"[]",
+            b"[]:",
+            b"[::1",
+            b"[::1]:",
+            b"[::1]x",
+            b":",
+            b"::",
+            b":::",
+            b"%",
+            b"::1%",
+            b"1.2.3.4:",
+            b"1.2.3.4::",
+            b"\t",
+            b"\x80",
+            b"\"1.2.3.4\"",
+            b"for=1.2.3.4",
+            b"99999999999999999999",
+        ];
+        for value in odd {
+            let values = headers(&[value]);
+            let _ = r.network_to_grant(ip("10.0.0.2"), &values);
+        }
+        for byte in 0u8..=255 {
+            if let Ok(value) = HeaderValue::from_bytes(&[b'1', byte, b':', byte]) {
+                let _ = r.network_to_grant(ip("10.0.0.2"), [&value]);
+            }
+        }
+    }
+
+    /// A writer that keeps everything logged, for checking what was warned.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn trusted_proxy_as_client_warns_once_per_address() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let r = resolver(64);
+        tracing::subscriber::with_default(subscriber, || {
+            // Another test thread may have registered the warn! callsite while no subscriber
+            // wanted it; recompute interest now that this one is in place.
+            tracing::callsite::rebuild_interest_cache();
+            for _ in 0..3 {
+                let _ = r.network_to_grant(ip("172.17.0.1"), []);
+                let _ = r.network_to_grant(ip("10.0.0.2"), &headers(&[b"10.0.0.9"]));
+                // Other refusals stay below warning level.
+                let _ = r.network_to_grant(ip("198.51.100.1"), []);
+                let _ = r.network_to_grant(ip("10.0.0.2"), &headers(&[b"unknown"]));
+            }
+        });
+        assert_eq!(r.warned_count(), 2);
+        let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            logged.matches("hiding client addresses").count(),
+            2,
+            "{logged}"
+        );
+        assert_eq!(logged.lines().count(), 2, "{logged}");
+        assert!(logged.contains("proxy=172.17.0.1"), "{logged}");
+        assert!(logged.contains("proxy=10.0.0.9"), "{logged}");
+    }
+
+    #[test]
+    fn warned_addresses_are_capped() {
+        let r = resolver(64);
+        for i in 0..(MAX_WARNED as u32 + 10) {
+            let proxy = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+            let _ = r.network_to_grant(proxy, []);
+        }
+        assert_eq!(r.warned_count(), MAX_WARNED);
+    }
+}

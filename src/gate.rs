@@ -1,0 +1,468 @@
+//! The shared runtime handle: the active policy, the ledger behind a mutex, the current snapshot
+//! behind an atomic pointer, and the background tasks that expire entries and flush outputs.
+//!
+//! Reads (decisions, a known client's refresh) load the snapshot and take no lock. Changes lock
+//! the ledger briefly, swap in a new snapshot and bump a change counter that wakes the flusher.
+//! The flusher persists the state file first and writes the Traefik file second, so anything a
+//! proxy was ever shown is already on disk.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use ipnet::IpNet;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::client_ip::ClientIp;
+use crate::ledger::{Ledger, Millis, Recorded, Removed, Snapshot, now_millis};
+use crate::policy::Policy;
+use crate::sinks::traefik_file;
+use crate::store::{self, StoreError, StoredEntry};
+
+/// Writes of the outputs are at least this far apart, so churn cannot turn into a write storm
+/// (at most 20 writes a second), while a lone change is written at once.
+pub const MIN_WRITE_GAP: Duration = Duration::from_millis(50);
+/// Last-seen refreshes, which wake nothing, reach the state file this often.
+pub const STATE_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+/// After a failed write, try again this soon.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The policy in force with what is derived from it; swapped as one piece.
+#[derive(Debug)]
+pub struct Active {
+    /// The policy.
+    pub policy: Policy,
+    /// The client-address rules derived from it.
+    pub client_ip: ClientIp,
+    /// Mirror host → source name.
+    pub mirror_hosts: HashMap<String, String>,
+    /// The legacy catch-all mirror source, if any.
+    pub catch_all: Option<String>,
+}
+
+impl Active {
+    /// Derive everything the request paths need from `policy`.
+    pub fn new(policy: Policy) -> Self {
+        let client_ip = ClientIp::new(
+            policy.trusted_proxies.clone(),
+            policy.all_always_allow(),
+            policy.ipv6_prefix,
+        );
+        let mut mirror_hosts = HashMap::new();
+        for (name, source) in &policy.sources {
+            if let crate::policy::SourceKind::Mirror(m) = &source.kind {
+                for h in &m.hosts {
+                    mirror_hosts.insert(h.clone(), name.clone());
+                }
+            }
+        }
+        let catch_all = policy.catch_all_mirror().map(str::to_string);
+        Active {
+            policy,
+            client_ip,
+            mirror_hosts,
+            catch_all,
+        }
+    }
+}
+
+/// A cheap-to-clone handle on the running gatekeeper.
+#[derive(Clone)]
+pub struct Gate {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    active: ArcSwap<Active>,
+    ledger: Mutex<Ledger>,
+    snapshot: ArcSwap<Snapshot>,
+    /// Bumped on every ledger change; the flusher and the expiry task watch it.
+    changes: watch::Sender<u64>,
+    /// The highest change counter known to be in the state file.
+    persisted: watch::Sender<u64>,
+    /// The last output failure, for health reporting; `None` when healthy.
+    output_error: Mutex<Option<String>>,
+    clock: fn() -> Millis,
+}
+
+/// What restoring the state file did, for the startup log.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Entries back in the ledger.
+    pub kept: usize,
+    /// Entries dropped, with why (unknown source, expired, over the limit, no longer grantable).
+    pub dropped: Vec<String>,
+}
+
+impl Gate {
+    /// A gate for `policy`, with `entries` restored from the state file. Entries that can no longer
+    /// be held are dropped and reported, never silently.
+    pub fn new(policy: Policy, entries: Vec<StoredEntry>) -> (Gate, Restored) {
+        Self::with_clock(policy, entries, now_millis)
+    }
+
+    /// As [`Gate::new`] with another clock (tests).
+    pub fn with_clock(
+        policy: Policy,
+        entries: Vec<StoredEntry>,
+        clock: fn() -> Millis,
+    ) -> (Gate, Restored) {
+        let active = Active::new(policy);
+        let mut ledger = Ledger::new(&active.policy);
+        let mut restored = Restored::default();
+        for e in entries {
+            let net = e.network;
+            if !active.policy.sources.contains_key(&e.source) {
+                restored.dropped.push(format!(
+                    "{net} of source `{}`: the policy no longer has that source",
+                    e.source
+                ));
+                continue;
+            }
+            // The policy may have grown its trusted or always-allowed ranges since.
+            if let Err(why) = active.client_ip.grantable(net.addr()) {
+                restored
+                    .dropped
+                    .push(format!("{net} of source `{}`: {why}", e.source));
+                continue;
+            }
+            ledger.restore(
+                &e.source,
+                net,
+                e.first_seen,
+                e.last_seen,
+                e.hits,
+                e.identity,
+            );
+        }
+        let removed = ledger
+            .expire(clock())
+            .into_iter()
+            .chain(ledger.enforce_limits());
+        for r in removed {
+            restored.dropped.push(format!(
+                "{} of source `{}`: {}",
+                r.network,
+                r.source,
+                r.why.as_str()
+            ));
+        }
+        restored.kept = ledger.entries().len();
+        let snapshot = ledger.snapshot(&active.policy);
+        let gate = Gate {
+            inner: Arc::new(Inner {
+                active: ArcSwap::from_pointee(active),
+                ledger: Mutex::new(ledger),
+                snapshot: ArcSwap::from_pointee(snapshot),
+                changes: watch::Sender::new(0),
+                persisted: watch::Sender::new(0),
+                output_error: Mutex::new(None),
+                clock,
+            }),
+        };
+        (gate, restored)
+    }
+
+    /// The policy in force.
+    pub fn active(&self) -> Arc<Active> {
+        self.inner.active.load_full()
+    }
+
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.load_full()
+    }
+
+    /// The current time on the gate's clock.
+    pub fn now(&self) -> Millis {
+        (self.inner.clock)()
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        // A panic while holding the lock cannot leave the ledger half-changed in a way that
+        // matters more than stopping would; keep serving.
+        self.inner
+            .ledger
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Record that `network` proved trust through `source`. A known client is refreshed without
+    /// a lock; a new one is granted (evicting as the limit requires). Returns the change counter
+    /// that makes the grant durable, for [`Gate::persisted`], and what happened; `None` when the
+    /// policy has no such source.
+    pub fn record(
+        &self,
+        source: &str,
+        network: IpNet,
+        identity: Option<&str>,
+    ) -> Option<(Recorded, u64)> {
+        let now = self.now();
+        if identity.is_none()
+            && let Some(activity) = self.inner.snapshot.load().activity(source, &network)
+        {
+            activity.touch(now);
+            return Some((Recorded::Known, *self.inner.changes.borrow()));
+        }
+        let active = self.active();
+        let mut ledger = self.ledger();
+        let recorded = ledger.record(source, network, now, identity)?;
+        let generation = match &recorded {
+            Recorded::Known => *self.inner.changes.borrow(),
+            Recorded::New { evicted } => {
+                let generation = self.publish(&active.policy, &ledger);
+                drop(ledger);
+                let services = &active.policy.sources[source].unlocks;
+                info!(source, %network, identity, ?services, "granted");
+                log_removed(evicted);
+                generation
+            }
+        };
+        Some((recorded, generation))
+    }
+
+    /// Revoke `network` from `source` (every source when `None`).
+    pub fn revoke(&self, network: IpNet, source: Option<&str>) -> Vec<Removed> {
+        let active = self.active();
+        let mut ledger = self.ledger();
+        let removed = ledger.revoke(network, source);
+        if !removed.is_empty() {
+            self.publish(&active.policy, &ledger);
+        }
+        drop(ledger);
+        log_removed(&removed);
+        removed
+    }
+
+    /// Remove the entries that are due now.
+    pub fn expire_due(&self) -> Vec<Removed> {
+        let active = self.active();
+        let mut ledger = self.ledger();
+        let removed = ledger.expire(self.now());
+        if !removed.is_empty() {
+            self.publish(&active.policy, &ledger);
+        }
+        drop(ledger);
+        log_removed(&removed);
+        removed
+    }
+
+    /// Swap in a snapshot of `ledger` and bump the change counter; called with the lock held so
+    /// snapshots are swapped in the order their changes happened.
+    fn publish(&self, policy: &Policy, ledger: &Ledger) -> u64 {
+        self.inner.snapshot.store(Arc::new(ledger.snapshot(policy)));
+        let mut generation = 0;
+        self.inner.changes.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
+        generation
+    }
+
+    /// Wait until the state file holds change `generation` (a grant to acknowledge).
+    pub async fn persisted(&self, generation: u64) {
+        let mut rx = self.inner.persisted.subscribe();
+        // The sender lives as long as the gate, which `self` keeps alive.
+        let _ = rx.wait_for(|g| *g >= generation).await;
+    }
+
+    /// The last output failure, if the outputs are currently failing.
+    pub fn output_error(&self) -> Option<String> {
+        self.inner
+            .output_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_output_error(&self, e: Option<String>) {
+        *self
+            .inner
+            .output_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = e;
+    }
+
+    /// Expire entries when they are due, with no request needed, until `shutdown` resolves.
+    pub async fn run_expiry(self, shutdown: impl Future<Output = ()>) {
+        let mut changes = self.inner.changes.subscribe();
+        tokio::pin!(shutdown);
+        loop {
+            let due = self.ledger().next_due();
+            // Sleep until the next entry is due, but wake at least once a minute so a jump of the
+            // wall clock is noticed, and on every change since a new entry may be due sooner.
+            let wait = match due {
+                Some(due) => Duration::from_millis(due.saturating_sub(self.now()))
+                    .min(Duration::from_secs(60)),
+                None => Duration::from_secs(60),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                r = changes.changed() => if r.is_err() { return },
+                _ = &mut shutdown => return,
+            }
+            self.expire_due();
+        }
+    }
+
+    /// Write the outputs (state file, then Traefik file) whenever the ledger changes, at once when
+    /// idle and at most every [`MIN_WRITE_GAP`] under churn; flush last-seen refreshes every
+    /// [`STATE_FLUSH_INTERVAL`]; flush once more when `shutdown` resolves.
+    pub async fn run_outputs(self, shutdown: impl Future<Output = ()>) {
+        let mut changes = self.inner.changes.subscribe();
+        let mut writer = OutputWriter::default();
+        tokio::pin!(shutdown);
+        loop {
+            let generation = *changes.borrow_and_update();
+            let failing;
+            (writer, failing) = self.flush_blocking(writer, generation).await;
+            let gap = tokio::time::sleep(MIN_WRITE_GAP);
+            let next = if failing {
+                RETRY_AFTER
+            } else {
+                STATE_FLUSH_INTERVAL
+            };
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() { break }
+                    // Coalesce: whatever else changes during the gap goes into the same write.
+                    tokio::select! {
+                        _ = gap => {}
+                        _ = &mut shutdown => break,
+                    }
+                }
+                _ = tokio::time::sleep(next) => {}
+                _ = &mut shutdown => break,
+            }
+        }
+        let generation = *changes.borrow();
+        let (_, failing) = self.flush_blocking(writer, generation).await;
+        if failing && let Some(e) = self.output_error() {
+            error!(error = %e, "outputs could not be written at shutdown");
+        }
+    }
+}
+
+impl Gate {
+    /// Flush on a blocking thread: fsync can take milliseconds, which must not stall requests.
+    async fn flush_blocking(
+        &self,
+        mut writer: OutputWriter,
+        generation: u64,
+    ) -> (OutputWriter, bool) {
+        let gate = self.clone();
+        match tokio::task::spawn_blocking(move || {
+            let ok = writer.flush(&gate, generation);
+            (writer, !ok)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(e) => {
+                error!(error = %e, "output flush panicked");
+                (OutputWriter::default(), true)
+            }
+        }
+    }
+}
+
+fn log_removed(removed: &[Removed]) {
+    for r in removed {
+        info!(
+            source = %r.source,
+            network = %r.network,
+            identity = r.identity.as_deref(),
+            "{}",
+            r.why.as_str()
+        );
+    }
+}
+
+/// Remembers what was last written, so unchanged outputs are not rewritten.
+#[derive(Default)]
+struct OutputWriter {
+    state: Option<Vec<u8>>,
+    traefik: Option<String>,
+}
+
+impl OutputWriter {
+    /// Write what changed; publish `generation` as persisted once the state file holds it.
+    /// Returns false when something failed (logged, reported on health, retried by the caller).
+    fn flush(&mut self, gate: &Gate, generation: u64) -> bool {
+        let active = gate.active();
+        let policy = &active.policy;
+        let mut errors = Vec::new();
+
+        let state = store::encode(&gate.ledger());
+        if self.state.as_deref() != Some(&state[..]) {
+            match store::save(&policy.state_file, &state) {
+                Ok(_) => self.state = Some(state),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if errors.is_empty() {
+            gate.inner.persisted.send_if_modified(|g| {
+                let newer = generation > *g;
+                if newer {
+                    *g = generation;
+                }
+                newer
+            });
+        }
+
+        if let Some(path) = &policy.traefik.file {
+            let yaml = traefik_file::render(&gate.snapshot(), &policy.traefik, &policy.origin);
+            if self.traefik.as_ref() != Some(&yaml) {
+                match traefik_file::write(path, &yaml) {
+                    Ok(_) => self.traefik = Some(yaml),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+
+        let was_failing = gate.output_error().is_some();
+        if errors.is_empty() {
+            if was_failing {
+                info!("outputs are written again");
+            }
+            gate.set_output_error(None);
+            true
+        } else {
+            let message = errors.join("; ");
+            if !was_failing {
+                error!(error = %message, "cannot write outputs; decisions are still served from memory, retrying");
+            }
+            gate.set_output_error(Some(message));
+            false
+        }
+    }
+}
+
+/// Read the state file named by `policy`, creating the directories the outputs need. Errors name
+/// the file or directory.
+pub fn load_state(policy: &Policy) -> Result<Vec<StoredEntry>, StoreError> {
+    for path in [Some(&policy.state_file), policy.traefik.file.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        ensure_parent(path)?;
+    }
+    store::load(&policy.state_file)
+}
+
+fn ensure_parent(path: &Path) -> Result<(), StoreError> {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                dir: dir.to_path_buf(),
+                source,
+            })?;
+            info!(dir = %dir.display(), "created missing directory");
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}

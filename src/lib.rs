@@ -1,0 +1,36 @@
+//! gatekeeper allow-lists, per service and for a limited time, the public IP of a client that
+//! proved trust on another service, and writes the lists where a reverse proxy reads them.
+//!
+//! # Layout
+//!
+//! The module tree follows the data: trust **sources** turn requests into grants, the **ledger**
+//! keeps them within their limits, and **sinks** render the effective allow lists.
+//!
+//! - [`policy`]: the policy file (figment: YAML, then `GATEKEEPER_*` variables) or the legacy
+//!   environment, validated into a [`policy::Policy`] with every problem reported at once.
+//! - [`client_ip`]: who the client is: the trusted-proxy walk of `X-Forwarded-For`,
+//!   normalisation, IPv6 prefixes, and the addresses that must never be granted.
+//! - [`sources`]: inputs that turn requests into grants (`mirror`).
+//! - [`ledger`]: entries per source with LRU limit, idle TTL and maximum age; snapshots of the
+//!   effective allow list of every service. Pure: the clock is passed in.
+//! - [`store`]: the state file that keeps the ledger across restarts.
+//! - [`sinks`]: pure renderers of a snapshot (`traefik_file`) and the atomic file writer.
+//! - [`gate`]: the shared runtime handle tying policy, ledger, snapshot and outputs together,
+//!   plus the background tasks (expiry, output flushing).
+//! - [`http`]: the proxy-facing router; [`server`]: the accept loop that serves it.
+//! - [`daemon`]: `serve`: restore, start the background tasks, serve, flush at shutdown.
+//! - [`cli`]: the command line, `check` and `render`; `main.rs` only dispatches.
+#![forbid(unsafe_code)]
+
+pub mod atomic_file;
+pub mod cli;
+pub mod client_ip;
+pub mod daemon;
+pub mod gate;
+pub mod http;
+pub mod ledger;
+pub mod policy;
+pub mod server;
+pub mod sinks;
+pub mod sources;
+pub mod store;

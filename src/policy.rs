@@ -1,0 +1,1158 @@
+//! The policy: what is protected, which sources prove trust, what they unlock and within which
+//! limits. Loaded with figment (YAML file, then `GATEKEEPER_*` variables) or built from the legacy
+//! environment, then validated into a [`Policy`] with every problem reported at once.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Yaml};
+use figment::value::Value;
+use indexmap::IndexMap;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// A validated policy. Every field has been checked; nothing here can fail at run time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Where the policy came from, for messages: a file path or "legacy environment".
+    pub origin: String,
+    /// Proxy-facing listener: mirrored traffic, forward-auth, HTTP provider.
+    pub listen: SocketAddr,
+    /// Admin listener settings.
+    pub admin: Admin,
+    /// Where the ledger is kept across restarts.
+    pub state_file: PathBuf,
+    /// Peers whose forwarding headers are believed; never granted themselves.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Prefix length granted to an IPv6 client (phones rotate addresses inside their /64).
+    pub ipv6_prefix: u8,
+    /// The Traefik outputs.
+    pub traefik: Traefik,
+    /// Ranges allowed for every service, always; never granted as entries.
+    pub always_allow: Vec<IpNet>,
+    /// Protected services by name, in name order (figment reads maps sorted by key).
+    pub services: IndexMap<String, Service>,
+    /// Trust sources by name, in name order.
+    pub sources: IndexMap<String, Source>,
+    /// True when built from `MAX_IP_LEN` / `DEFAULT_SOURCE_RANGE` instead of a policy file.
+    pub legacy: bool,
+}
+
+/// Admin listener settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    /// Address of the admin listener.
+    pub listen: SocketAddr,
+    /// File holding the bearer token of the admin API.
+    pub token_file: Option<PathBuf>,
+    /// The token itself (from `GATEKEEPER_ADMIN__TOKEN`); wins over `token_file`.
+    pub token: Option<String>,
+}
+
+/// Traefik output settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Traefik {
+    /// File written for Traefik's file provider; no file output when absent.
+    pub file: Option<PathBuf>,
+    /// Which middleware kind to render.
+    pub version: TraefikVersion,
+    /// Middleware name = prefix + service name.
+    pub middleware_prefix: String,
+    /// Passed through to Traefik's `ipStrategy`.
+    pub ip_strategy: Option<IpStrategy>,
+}
+
+impl Traefik {
+    /// The middleware name Traefik routers reference for `service` (without `@file`).
+    pub fn middleware_name(&self, service: &str) -> String {
+        format!("{}{}", self.middleware_prefix, service)
+    }
+}
+
+/// Traefik major version, which decides the middleware's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraefikVersion {
+    /// `ipWhiteList` (Traefik 2).
+    V2,
+    /// `ipAllowList` (Traefik 3).
+    V3,
+}
+
+/// Traefik's `ipStrategy`: how Traefik itself picks the client address.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IpStrategy {
+    /// `depth`: take the n-th address from the right of `X-Forwarded-For`.
+    pub depth: Option<u32>,
+    /// `excludedIPs`: skip these addresses when walking `X-Forwarded-For`.
+    pub excluded_ips: Vec<IpNet>,
+    /// `ipv6Subnet` (Traefik ≥ 3.1): compare IPv6 clients by this prefix.
+    pub ipv6_subnet: Option<u8>,
+}
+
+/// A protected service.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Service {
+    /// Ranges always allowed for this service only.
+    pub always_allow: Vec<IpNet>,
+}
+
+/// A way to prove trust, and what it unlocks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    /// How trust is proven.
+    pub kind: SourceKind,
+    /// Names of the services this source unlocks (`"*"` already expanded).
+    pub unlocks: Vec<String>,
+    /// Limits on the entries this source keeps.
+    pub limits: Limits,
+}
+
+/// Limits on one source's entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// At most this many entries; the least recently seen is evicted first.
+    pub max_ips: usize,
+    /// An entry not seen for this long expires; `None` only in legacy mode (the old app never
+    /// expired anything).
+    pub idle_ttl: Option<Duration>,
+    /// An entry expires this long after it was first granted, however active.
+    pub max_age: Option<Duration>,
+}
+
+/// The kinds of trust source.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceKind {
+    /// Traffic of a trusted service mirrored by the proxy, recognised by its Host.
+    Mirror(Mirror),
+    /// Share links checked against the sharing app (forward-auth).
+    Share(Share),
+}
+
+/// A mirror source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    /// Lower-case host names, without port.
+    pub hosts: Vec<String>,
+    /// Legacy mode: every request no other route claims counts as mirrored.
+    pub catch_all: bool,
+}
+
+/// A share source.
+#[derive(Debug, Clone)]
+pub struct Share {
+    /// Origin of the sharing app (`scheme://host[:port]`), the only place checks are sent.
+    pub upstream: http::Uri,
+    /// Path patterns, anchored; a forwarded URI must match one before anything is sent.
+    pub patterns: Vec<SharePattern>,
+}
+
+impl PartialEq for Share {
+    fn eq(&self, other: &Self) -> bool {
+        self.upstream == other.upstream && self.patterns == other.patterns
+    }
+}
+
+/// One accepted link shape of a share source.
+#[derive(Debug, Clone)]
+pub struct SharePattern {
+    /// The anchored regex the forwarded path must match.
+    pub regex: regex::Regex,
+    /// Path and query to request on the upstream, with `{name}` for named captures; `None` checks
+    /// the forwarded path and query as they are.
+    pub check: Option<String>,
+}
+
+impl PartialEq for SharePattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.regex.as_str() == other.regex.as_str() && self.check == other.check
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------------
+
+/// Default policy path when neither `--config` nor `GATEKEEPER_CONFIG` names one.
+pub const DEFAULT_PATH: &str = "./gatekeeper.yaml";
+
+/// Trusted proxies when the policy names none: loopback and the private ranges Docker uses.
+pub const DEFAULT_TRUSTED_PROXIES: &[&str] = &[
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "::1/128",
+    "fc00::/7",
+];
+
+/// Where to read the policy from.
+#[derive(Debug, Clone)]
+pub struct Location {
+    /// The policy file.
+    pub path: PathBuf,
+    /// True when the user named the file (`--config` or `GATEKEEPER_CONFIG`): then a missing file
+    /// is an error, never a silent switch to legacy mode.
+    pub explicit: bool,
+}
+
+impl Location {
+    /// `--config`, else `GATEKEEPER_CONFIG`, else [`DEFAULT_PATH`].
+    pub fn resolve(flag: Option<PathBuf>, env: &BTreeMap<String, String>) -> Location {
+        match flag.or_else(|| env.get("GATEKEEPER_CONFIG").map(PathBuf::from)) {
+            Some(path) => Location {
+                path,
+                explicit: true,
+            },
+            None => Location {
+                path: PathBuf::from(DEFAULT_PATH),
+                explicit: false,
+            },
+        }
+    }
+}
+
+/// Why a policy could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The named file does not exist.
+    #[error(
+        "policy file {} does not exist (named by {})",
+        path.display(),
+        if *explicit { "--config or GATEKEEPER_CONFIG" } else { "default" }
+    )]
+    Missing {
+        /// The path looked at.
+        path: PathBuf,
+        /// Whether the user named it.
+        explicit: bool,
+    },
+    /// No policy file and no legacy variables either.
+    #[error(
+        "no policy file at {} and no legacy variables (MAX_IP_LEN, MAX_ALLOWED_IPS, DEFAULT_SOURCE_RANGE); \
+         write a policy (see gatekeeper.example.yaml) or pass --config",
+        path.display()
+    )]
+    Nothing {
+        /// The default path looked at.
+        path: PathBuf,
+    },
+    /// The file could not be parsed into the policy's shape.
+    #[error("policy {origin} cannot be read: {message}")]
+    Parse {
+        /// File path or "legacy environment".
+        origin: String,
+        /// figment's message, which names the key and the provider.
+        message: String,
+    },
+    /// The policy parsed but has problems; all of them are listed.
+    #[error("{}", Problems { origin, problems })]
+    Invalid {
+        /// File path or "legacy environment".
+        origin: String,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+/// One thing wrong with a policy: the key (`sources.immich-share.path`) and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the offending key.
+    pub key: String,
+    /// What is wrong, naming the value.
+    pub message: String,
+    /// Where the value came from when not the file itself (an environment variable).
+    pub from: Option<String>,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)?;
+        if let Some(from) = &self.from {
+            write!(f, " (set by {from})")?;
+        }
+        Ok(())
+    }
+}
+
+struct Problems<'a> {
+    origin: &'a str,
+    problems: &'a [Problem],
+}
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "policy {} has {n} problem{}:",
+            self.origin,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Load the policy: the file at `location` (then `GATEKEEPER_*` variables from `env`), or, when
+/// there is no file and `location` was not named explicitly, the legacy variables.
+pub fn load(location: &Location, env: &BTreeMap<String, String>) -> Result<Policy, PolicyError> {
+    if location.path.is_file() {
+        let origin = location.path.display().to_string();
+        let figment = Figment::from(Yaml::file_exact(&location.path)).merge(env_provider());
+        return from_figment(&figment, origin, false);
+    }
+    if location.explicit || location.path.exists() {
+        return Err(PolicyError::Missing {
+            path: location.path.clone(),
+            explicit: location.explicit,
+        });
+    }
+    match legacy_yaml(env) {
+        Some(yaml) => {
+            let figment = Figment::from(Yaml::string(&yaml)).merge(env_provider());
+            from_figment(&figment, LEGACY_ORIGIN.to_string(), true)
+        }
+        None => Err(PolicyError::Nothing {
+            path: location.path.clone(),
+        }),
+    }
+}
+
+/// Origin named in messages for a policy built from the legacy variables.
+pub const LEGACY_ORIGIN: &str = "legacy environment (MAX_IP_LEN, DEFAULT_SOURCE_RANGE)";
+
+/// Parse and validate a policy from YAML text, without environment variables (tests, tools).
+pub fn from_yaml_str(yaml: &str, origin: &str) -> Result<Policy, PolicyError> {
+    from_figment(
+        &Figment::from(Yaml::string(yaml)),
+        origin.to_string(),
+        false,
+    )
+}
+
+fn env_provider() -> Env {
+    // GATEKEEPER_CONFIG names the file; it is not a policy key.
+    Env::prefixed("GATEKEEPER_").split("__").ignore(&["config"])
+}
+
+fn from_figment(figment: &Figment, origin: String, legacy: bool) -> Result<Policy, PolicyError> {
+    let raw: RawPolicy = figment.extract().map_err(|e| PolicyError::Parse {
+        origin: origin.clone(),
+        message: e
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; "),
+    })?;
+    let mut problems = Vec::new();
+    let policy = raw.validate(&origin, legacy, &mut problems);
+    for p in &mut problems {
+        p.from = env_origin(figment, &p.key);
+    }
+    match policy {
+        Some(policy) if problems.is_empty() => Ok(policy),
+        _ => Err(PolicyError::Invalid { origin, problems }),
+    }
+}
+
+/// Name the environment variable a value came from, when it did.
+fn env_origin(figment: &Figment, key: &str) -> Option<String> {
+    // Strip list indices (`always_allow[2]`): figment tracks metadata per key, not per element.
+    let base: String = key.split('[').next().unwrap_or(key).to_string();
+    let metadata = figment.find_metadata(&base)?;
+    if !metadata.name.contains("environment") {
+        return None;
+    }
+    // figment lower-cases names and turns `__` into `.`; undo that to name the variable.
+    Some(format!(
+        "environment variable GATEKEEPER_{}",
+        base.to_ascii_uppercase().replace('.', "__")
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Legacy environment
+// ---------------------------------------------------------------------------------------------
+
+/// Name of the one service legacy mode protects; also its middleware name (no prefix), so routers
+/// labelled `dynamic-whitelist@file` keep working when the image is swapped.
+pub const LEGACY_SERVICE: &str = "dynamic-whitelist";
+/// Name of legacy mode's one mirror source.
+pub const LEGACY_SOURCE: &str = "legacy-mirror";
+/// The old image's working directory held the output file; legacy installs bind-mount it there.
+pub const LEGACY_FILE: &str = "./dynamic-whitelist.yml";
+/// The old app's limit when `MAX_IP_LEN` was not set.
+pub const LEGACY_DEFAULT_MAX_IPS: &str = "10";
+
+/// Is any legacy variable set?
+pub fn is_legacy_env(env: &BTreeMap<String, String>) -> bool {
+    ["MAX_IP_LEN", "MAX_ALLOWED_IPS", "DEFAULT_SOURCE_RANGE"]
+        .iter()
+        .any(|k| env.contains_key(*k))
+}
+
+/// The policy the legacy variables describe, as YAML, so it goes through the same validation as a
+/// file (and `gatekeeper check` can print it as a starting point for a policy file).
+pub fn legacy_yaml(env: &BTreeMap<String, String>) -> Option<String> {
+    if !is_legacy_env(env) {
+        return None;
+    }
+    let max_ips = env
+        .get("MAX_IP_LEN")
+        .or_else(|| env.get("MAX_ALLOWED_IPS"))
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .unwrap_or(LEGACY_DEFAULT_MAX_IPS);
+    // The old app split on commas and crashed on an empty value; accept commas and whitespace and
+    // treat empty or absent as "no ranges".
+    let ranges: Vec<String> = env
+        .get("DEFAULT_SOURCE_RANGE")
+        .map(|s| {
+            s.split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|r| !r.is_empty())
+                .map(quote)
+                .collect()
+        })
+        .unwrap_or_default();
+    // A number that does not parse is passed on quoted so validation names it; a number is
+    // passed as a number.
+    let max_ips = if max_ips.parse::<u64>().is_ok() {
+        max_ips.to_string()
+    } else {
+        quote(max_ips)
+    };
+    Some(format!(
+        "# Built from the legacy environment variables; save as gatekeeper.yaml to move on.\n\
+         listen: 0.0.0.0:5000\n\
+         state_file: ./data/state.json\n\
+         traefik:\n  file: {file}\n  version: 3\n  middleware_prefix: \"\"\n\
+         always_allow: [{ranges}]\n\
+         services:\n  {service}: {{}}\n\
+         sources:\n  {source}:\n    kind: mirror\n    catch_all: true\n    unlocks: \"*\"\n    max_ips: {max_ips}\n    idle_ttl: never\n",
+        file = LEGACY_FILE,
+        ranges = ranges.join(", "),
+        service = LEGACY_SERVICE,
+        source = LEGACY_SOURCE,
+    ))
+}
+
+/// A YAML double-quoted scalar (JSON escaping is valid YAML).
+fn quote(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw shape (serde) and validation
+// ---------------------------------------------------------------------------------------------
+
+// Unknown keys are collected through `#[serde(flatten)]` instead of `deny_unknown_fields`, so a
+// typo is reported together with every other problem instead of hiding them.
+type Unknown = BTreeMap<String, Value>;
+
+#[derive(Debug, Deserialize)]
+struct RawPolicy {
+    listen: Option<String>,
+    #[serde(default)]
+    admin: RawAdmin,
+    state_file: Option<PathBuf>,
+    trusted_proxies: Option<Vec<String>>,
+    ipv6_prefix: Option<u8>,
+    #[serde(default)]
+    traefik: RawTraefik,
+    #[serde(default)]
+    always_allow: Vec<String>,
+    #[serde(default)]
+    services: IndexMap<String, Option<RawService>>,
+    #[serde(default)]
+    sources: IndexMap<String, RawSource>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawAdmin {
+    listen: Option<String>,
+    token_file: Option<PathBuf>,
+    token: Option<String>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawTraefik {
+    file: Option<PathBuf>,
+    version: Option<u8>,
+    middleware_prefix: Option<String>,
+    ip_strategy: Option<RawIpStrategy>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawIpStrategy {
+    depth: Option<u32>,
+    #[serde(default)]
+    excluded_ips: Vec<String>,
+    ipv6_subnet: Option<u8>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawService {
+    #[serde(default)]
+    always_allow: Vec<String>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawUnlocks {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct RawSource {
+    kind: Option<String>,
+    unlocks: Option<RawUnlocks>,
+    max_ips: Option<Value>,
+    idle_ttl: Option<String>,
+    max_age: Option<String>,
+    // mirror
+    hosts: Option<Vec<String>>,
+    catch_all: Option<bool>,
+    // share
+    upstream: Option<String>,
+    path: Option<String>,
+    patterns: Option<Vec<RawPattern>>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawPattern {
+    path: Option<String>,
+    check: Option<String>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+/// Default `max_ips` of a source that sets none.
+pub const DEFAULT_MAX_IPS: usize = 10;
+/// Default `idle_ttl` of a source that sets none.
+pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Collects problems with their key paths.
+struct Checker<'a> {
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+            from: None,
+        });
+    }
+
+    fn unknown(&mut self, at: &str, unknown: &Unknown, known: &[&str]) {
+        for key in unknown.keys() {
+            let path = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
+            self.problem(
+                path,
+                format!(
+                    "unknown key `{key}` (expected one of: {})",
+                    known.join(", ")
+                ),
+            );
+        }
+    }
+
+    fn cidrs(&mut self, key: &str, values: &[String]) -> Vec<IpNet> {
+        let mut nets = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            match parse_cidr(v) {
+                Ok(net) => nets.push(net),
+                Err(e) => self.problem(format!("{key}[{i}]"), e),
+            }
+        }
+        nets
+    }
+
+    fn socket(&mut self, key: &str, value: Option<&str>, default: &str) -> Option<SocketAddr> {
+        let value = value.unwrap_or(default);
+        match value.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.problem(
+                    key,
+                    format!("`{value}` is not a listen address (expected ip:port, e.g. {default})"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>) -> Option<Duration> {
+        let value = value?;
+        match parse_duration(value) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.problem(key, e);
+                None
+            }
+        }
+    }
+}
+
+/// Parse `10.0.0.0/8`, `2001:db8::/32` or a bare address (taken as /32 or /128). Host bits are
+/// cleared (`10.1.2.3/8` → `10.0.0.0/8`), which is what Traefik does too.
+pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let t = s.trim();
+    if let Ok(net) = t.parse::<IpNet>() {
+        return Ok(net.trunc());
+    }
+    if let Ok(ip) = t.parse::<std::net::IpAddr>() {
+        return Ok(IpNet::from(ip));
+    }
+    Err(format!(
+        "`{s}` is not a CIDR range (expected e.g. 10.0.0.0/8 or 2001:db8::/32)"
+    ))
+}
+
+/// Parse `90s`, `12h`, `7d`, `1h30m`, `500ms`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("`{s}` is zero; a duration must be positive")),
+        Err(_) => Err(format!(
+            "`{s}` is not a duration (expected e.g. 90s, 12h, 7d)"
+        )),
+    }
+}
+
+/// Service, source and prefix names end up in Traefik middleware names and URLs: keep them to
+/// characters that are safe in both (Traefik reserves `@` for providers).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+}
+
+impl RawPolicy {
+    fn validate(self, origin: &str, legacy: bool, problems: &mut Vec<Problem>) -> Option<Policy> {
+        let mut c = Checker { problems };
+        c.unknown(
+            "",
+            &self.unknown,
+            &[
+                "listen",
+                "admin",
+                "state_file",
+                "trusted_proxies",
+                "ipv6_prefix",
+                "traefik",
+                "always_allow",
+                "services",
+                "sources",
+            ],
+        );
+        c.unknown(
+            "admin",
+            &self.admin.unknown,
+            &["listen", "token_file", "token"],
+        );
+        c.unknown(
+            "traefik",
+            &self.traefik.unknown,
+            &["file", "version", "middleware_prefix", "ip_strategy"],
+        );
+
+        let listen = c.socket("listen", self.listen.as_deref(), "0.0.0.0:5000");
+        let admin_listen = c.socket(
+            "admin.listen",
+            self.admin.listen.as_deref(),
+            "127.0.0.1:5001",
+        );
+        if let (Some(a), Some(b)) = (listen, admin_listen)
+            && a.port() == b.port()
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        {
+            c.problem("admin.listen", format!("`{b}` collides with listen `{a}`"));
+        }
+        let trusted_raw = self.trusted_proxies.unwrap_or_else(|| {
+            DEFAULT_TRUSTED_PROXIES
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        });
+        let trusted_proxies = c.cidrs("trusted_proxies", &trusted_raw);
+        let ipv6_prefix = self.ipv6_prefix.unwrap_or(64);
+        if ipv6_prefix == 0 || ipv6_prefix > 128 {
+            c.problem(
+                "ipv6_prefix",
+                format!("`{ipv6_prefix}` is not a prefix length between 1 and 128"),
+            );
+        }
+        let always_allow = c.cidrs("always_allow", &self.always_allow);
+
+        let version = match self.traefik.version.unwrap_or(3) {
+            2 => TraefikVersion::V2,
+            3 => TraefikVersion::V3,
+            v => {
+                c.problem(
+                    "traefik.version",
+                    format!("`{v}` is not a supported Traefik version (2 or 3)"),
+                );
+                TraefikVersion::V3
+            }
+        };
+        let middleware_prefix = self
+            .traefik
+            .middleware_prefix
+            .unwrap_or_else(|| "gatekeeper-".into());
+        if !middleware_prefix.is_empty() && !valid_name(&middleware_prefix) {
+            c.problem(
+                "traefik.middleware_prefix",
+                format!(
+                    "`{middleware_prefix}` may hold only letters, digits, `-` and `_` (it becomes part of a Traefik middleware name)"
+                ),
+            );
+        }
+        let ip_strategy = self.traefik.ip_strategy.map(|s| {
+            c.unknown(
+                "traefik.ip_strategy",
+                &s.unknown,
+                &["depth", "excluded_ips", "ipv6_subnet"],
+            );
+            let excluded_ips = c.cidrs("traefik.ip_strategy.excluded_ips", &s.excluded_ips);
+            if let Some(n) = s.ipv6_subnet {
+                if n == 0 || n > 128 {
+                    c.problem(
+                        "traefik.ip_strategy.ipv6_subnet",
+                        format!("`{n}` is not a prefix length between 1 and 128"),
+                    );
+                }
+                if version == TraefikVersion::V2 {
+                    c.problem(
+                        "traefik.ip_strategy.ipv6_subnet",
+                        "Traefik 2 has no ipv6Subnet; remove it or set traefik.version: 3",
+                    );
+                }
+            }
+            IpStrategy {
+                depth: s.depth,
+                excluded_ips,
+                ipv6_subnet: s.ipv6_subnet,
+            }
+        });
+
+        let mut services = IndexMap::new();
+        if self.services.is_empty() {
+            c.problem(
+                "services",
+                "no service is defined; nothing would be protected",
+            );
+        }
+        for (name, raw) in self.services {
+            let key = format!("services.{name}");
+            if !valid_name(&name) {
+                c.problem(
+                    &key,
+                    format!("service name `{name}` may hold only letters, digits, `-` and `_`"),
+                );
+            }
+            let raw = raw.unwrap_or_default();
+            c.unknown(&key, &raw.unknown, &["always_allow"]);
+            let always_allow = c.cidrs(&format!("{key}.always_allow"), &raw.always_allow);
+            services.insert(name, Service { always_allow });
+        }
+
+        let mut sources = IndexMap::new();
+        let mut host_owner: BTreeMap<String, String> = BTreeMap::new();
+        for (name, raw) in self.sources {
+            let key = format!("sources.{name}");
+            if !valid_name(&name) {
+                c.problem(
+                    &key,
+                    format!("source name `{name}` may hold only letters, digits, `-` and `_`"),
+                );
+            }
+            if let Some(source) =
+                raw.validate(&key, &name, &services, legacy, &mut host_owner, &mut c)
+            {
+                sources.insert(name, source);
+            }
+        }
+        if sources.is_empty() {
+            c.problem(
+                "sources",
+                "no source is defined; nobody could ever be granted",
+            );
+        }
+
+        Some(Policy {
+            origin: origin.to_string(),
+            listen: listen?,
+            admin: Admin {
+                listen: admin_listen?,
+                token_file: self.admin.token_file,
+                token: self.admin.token.filter(|t| !t.trim().is_empty()),
+            },
+            state_file: self
+                .state_file
+                .unwrap_or_else(|| PathBuf::from("./data/state.json")),
+            trusted_proxies,
+            ipv6_prefix,
+            traefik: Traefik {
+                file: self.traefik.file,
+                version,
+                middleware_prefix,
+                ip_strategy,
+            },
+            always_allow,
+            services,
+            sources,
+            legacy,
+        })
+    }
+}
+
+const SOURCE_KEYS: &[&str] = &[
+    "kind",
+    "unlocks",
+    "max_ips",
+    "idle_ttl",
+    "max_age",
+    "hosts",
+    "catch_all",
+    "upstream",
+    "path",
+    "patterns",
+];
+
+impl RawSource {
+    fn validate(
+        self,
+        key: &str,
+        name: &str,
+        services: &IndexMap<String, Service>,
+        legacy: bool,
+        host_owner: &mut BTreeMap<String, String>,
+        c: &mut Checker<'_>,
+    ) -> Option<Source> {
+        c.unknown(key, &self.unknown, SOURCE_KEYS);
+
+        let unlocks = match self.unlocks {
+            None => {
+                c.problem(
+                    format!("{key}.unlocks"),
+                    "missing: name the services this source unlocks, or \"*\"",
+                );
+                Vec::new()
+            }
+            Some(RawUnlocks::One(s)) if s == "*" => services.keys().cloned().collect(),
+            Some(RawUnlocks::One(s)) => vec![s],
+            Some(RawUnlocks::Many(v)) => v,
+        };
+        for (i, svc) in unlocks.iter().enumerate() {
+            if svc == "*" {
+                c.problem(
+                    format!("{key}.unlocks[{i}]"),
+                    "\"*\" must stand alone (unlocks: \"*\"), not inside a list",
+                );
+            } else if !services.contains_key(svc) {
+                c.problem(
+                    format!("{key}.unlocks[{i}]"),
+                    format!(
+                        "service `{svc}` does not exist (services: {})",
+                        services.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                );
+            }
+        }
+
+        let max_ips = match &self.max_ips {
+            None => DEFAULT_MAX_IPS,
+            Some(v) => match v.to_num().and_then(|n| n.to_u128()) {
+                Some(0) => {
+                    c.problem(
+                        format!("{key}.max_ips"),
+                        "`0` would grant nobody; it must be at least 1",
+                    );
+                    DEFAULT_MAX_IPS
+                }
+                Some(n) if n <= 1_000_000 => n as usize,
+                _ => {
+                    c.problem(
+                        format!("{key}.max_ips"),
+                        format!(
+                            "`{}` is not a whole number between 1 and 1000000",
+                            value_text(v)
+                        ),
+                    );
+                    DEFAULT_MAX_IPS
+                }
+            },
+        };
+        // `never` exists for legacy mode, whose old app never expired anything; a policy file must
+        // bound every grant in time.
+        let idle_ttl = match self.idle_ttl.as_deref() {
+            None => Some(DEFAULT_IDLE_TTL),
+            Some("never") if legacy => None,
+            Some(v) => c.duration(&format!("{key}.idle_ttl"), Some(v)),
+        };
+        let max_age = c.duration(&format!("{key}.max_age"), self.max_age.as_deref());
+
+        let kind = match self.kind.as_deref() {
+            Some("mirror") => {
+                for field in ["upstream", "path", "patterns"] {
+                    let set = match field {
+                        "upstream" => self.upstream.is_some(),
+                        "path" => self.path.is_some(),
+                        _ => self.patterns.is_some(),
+                    };
+                    if set {
+                        c.problem(format!("{key}.{field}"), "only share sources have this key");
+                    }
+                }
+                let catch_all = self.catch_all.unwrap_or(false);
+                let mut hosts = Vec::new();
+                let mut claimed_elsewhere = false;
+                for (i, h) in self.hosts.unwrap_or_default().into_iter().enumerate() {
+                    let host = h.trim().to_ascii_lowercase();
+                    if !valid_host(&host) {
+                        c.problem(
+                            format!("{key}.hosts[{i}]"),
+                            format!("`{h}` is not a host name (no scheme, port or path)"),
+                        );
+                        continue;
+                    }
+                    if let Some(other) = host_owner.get(&host) {
+                        if other != name {
+                            claimed_elsewhere = true;
+                            c.problem(
+                                format!("{key}.hosts[{i}]"),
+                                format!("host `{host}` is already claimed by source `{other}`"),
+                            );
+                        }
+                        continue;
+                    }
+                    host_owner.insert(host.clone(), name.to_string());
+                    hosts.push(host);
+                }
+                if hosts.is_empty() && !catch_all && !claimed_elsewhere {
+                    c.problem(
+                        format!("{key}.hosts"),
+                        "a mirror source needs at least one host (the Host of the mirrored requests)",
+                    );
+                }
+                SourceKind::Mirror(Mirror { hosts, catch_all })
+            }
+            Some("share") => {
+                for (field, set) in [
+                    ("hosts", self.hosts.is_some()),
+                    ("catch_all", self.catch_all.is_some()),
+                ] {
+                    if set {
+                        c.problem(
+                            format!("{key}.{field}"),
+                            "only mirror sources have this key",
+                        );
+                    }
+                }
+                let upstream = match self.upstream.as_deref() {
+                    None => {
+                        c.problem(
+                            format!("{key}.upstream"),
+                            "missing: a share source needs the origin of the sharing app, e.g. http://immich_server:2283",
+                        );
+                        None
+                    }
+                    Some(u) => match parse_upstream(u) {
+                        Ok(uri) => Some(uri),
+                        Err(e) => {
+                            c.problem(format!("{key}.upstream"), e);
+                            None
+                        }
+                    },
+                };
+                let mut raw_patterns: Vec<(String, Option<String>, String)> = Vec::new();
+                if let Some(p) = self.path {
+                    raw_patterns.push((p, None, format!("{key}.path")));
+                }
+                for (i, p) in self.patterns.unwrap_or_default().into_iter().enumerate() {
+                    let pkey = format!("{key}.patterns[{i}]");
+                    c.unknown(&pkey, &p.unknown, &["path", "check"]);
+                    match p.path {
+                        Some(path) => raw_patterns.push((path, p.check, format!("{pkey}.path"))),
+                        None => c.problem(
+                            format!("{pkey}.path"),
+                            "missing: a pattern needs a path regex",
+                        ),
+                    }
+                }
+                if raw_patterns.is_empty() {
+                    c.problem(
+                        format!("{key}.path"),
+                        "missing: a share source needs `path` (a regex of its link paths) or `patterns`",
+                    );
+                }
+                let mut patterns = Vec::new();
+                for (path, check, pkey) in raw_patterns {
+                    match compile_pattern(&path, check.as_deref()) {
+                        Ok(p) => patterns.push(p),
+                        Err(e) => c.problem(pkey, e),
+                    }
+                }
+                upstream.map(|upstream| SourceKind::Share(Share { upstream, patterns }))?
+            }
+            Some(other) => {
+                c.problem(
+                    format!("{key}.kind"),
+                    format!("`{other}` is not a source kind (mirror or share)"),
+                );
+                return None;
+            }
+            None => {
+                c.problem(format!("{key}.kind"), "missing: mirror or share");
+                return None;
+            }
+        };
+        Some(Source {
+            kind,
+            unlocks,
+            limits: Limits {
+                max_ips,
+                idle_ttl,
+                max_age,
+            },
+        })
+    }
+}
+
+fn value_text(v: &Value) -> String {
+    match v {
+        Value::String(_, s) => s.clone(),
+        Value::Num(_, n) => format!("{n:?}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// An upstream is an origin only: scheme http or https, a host, an optional port, nothing else.
+fn parse_upstream(s: &str) -> Result<http::Uri, String> {
+    let uri: http::Uri = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a URL (expected e.g. http://immich_server:2283)"))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(format!("`{s}` must start with http:// or https://")),
+    }
+    let Some(authority) = uri.authority() else {
+        return Err(format!("`{s}` has no host"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(format!("`{s}` must not contain credentials"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "`{s}` must be an origin only (scheme, host, port): no path or query"
+        ));
+    }
+    Ok(uri)
+}
+
+fn compile_pattern(path: &str, check: Option<&str>) -> Result<SharePattern, String> {
+    // Anchor whatever the user wrote: an unanchored pattern would let `/evil/share/<key>` match.
+    regex::Regex::new(path).map_err(|e| {
+        let detail = e.to_string();
+        let reason = detail.lines().last().unwrap_or(&detail).trim().to_string();
+        format!("regex `{path}` does not compile: {reason}")
+    })?;
+    let anchored = format!(
+        "^(?:{})$",
+        path.trim_start_matches('^').trim_end_matches('$')
+    );
+    let regex = regex::Regex::new(&anchored)
+        .map_err(|e| format!("regex `{path}` does not compile once anchored: {e}"))?;
+    if let Some(check) = check {
+        if !check.starts_with('/') {
+            return Err(format!(
+                "check `{check}` must be a path on the upstream, starting with `/`"
+            ));
+        }
+        let names: Vec<&str> = regex.capture_names().flatten().collect();
+        for placeholder in placeholders(check) {
+            if !names.contains(&placeholder) {
+                return Err(format!(
+                    "check `{check}` uses `{{{placeholder}}}`, which regex `{path}` does not capture (named captures: {})",
+                    names.join(", ")
+                ));
+            }
+        }
+    }
+    Ok(SharePattern {
+        regex,
+        check: check.map(str::to_string),
+    })
+}
+
+/// The `{name}` placeholders of a check template.
+pub fn placeholders(template: &str) -> impl Iterator<Item = &str> {
+    template
+        .split('{')
+        .skip(1)
+        .filter_map(|s| s.split_once('}').map(|(name, _)| name))
+}
+
+impl Policy {
+    /// Every range that may never be granted as an entry: `always_allow` of the policy and of
+    /// every service (they are allowed anyway, and an entry there would only hide the fact).
+    pub fn all_always_allow(&self) -> Vec<IpNet> {
+        let mut v = self.always_allow.clone();
+        for s in self.services.values() {
+            v.extend(s.always_allow.iter().copied());
+        }
+        v
+    }
+
+    /// The mirror source that owns `host` (lower-case, without port), if any.
+    pub fn mirror_for_host(&self, host: &str) -> Option<&str> {
+        self.sources.iter().find_map(|(name, s)| match &s.kind {
+            SourceKind::Mirror(m) if m.hosts.iter().any(|h| h == host) => Some(name.as_str()),
+            _ => None,
+        })
+    }
+
+    /// The legacy catch-all mirror source, if any.
+    pub fn catch_all_mirror(&self) -> Option<&str> {
+        self.sources.iter().find_map(|(name, s)| match &s.kind {
+            SourceKind::Mirror(m) if m.catch_all => Some(name.as_str()),
+            _ => None,
+        })
+    }
+}

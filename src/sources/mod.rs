@@ -1,0 +1,3 @@
+//! Trust sources: inputs that turn requests into grants.
+
+pub mod mirror;
