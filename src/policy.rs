@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::Figment;
@@ -306,7 +306,7 @@ pub fn load(location: &Location, env: &BTreeMap<String, String>) -> Result<Polic
     if location.path.is_file() {
         let origin = location.path.display().to_string();
         let figment = Figment::from(Yaml::file_exact(&location.path)).merge(env_provider());
-        return from_figment(&figment, origin, false);
+        return from_figment(&figment, origin, None);
     }
     if location.explicit || location.path.exists() {
         return Err(PolicyError::Missing {
@@ -317,7 +317,7 @@ pub fn load(location: &Location, env: &BTreeMap<String, String>) -> Result<Polic
     match legacy_yaml(env) {
         Some(yaml) => {
             let figment = Figment::from(Yaml::string(&yaml)).merge(env_provider());
-            from_figment(&figment, LEGACY_ORIGIN.to_string(), true)
+            from_figment(&figment, LEGACY_ORIGIN.to_string(), Some(env))
         }
         None => Err(PolicyError::Nothing {
             path: location.path.clone(),
@@ -333,7 +333,7 @@ pub fn from_yaml_str(yaml: &str, origin: &str) -> Result<Policy, PolicyError> {
     from_figment(
         &Figment::from(Yaml::string(yaml)),
         origin.to_string(),
-        false,
+        None,
     )
 }
 
@@ -342,7 +342,13 @@ fn env_provider() -> Env {
     Env::prefixed("GATEKEEPER_").split("__").ignore(&["config"])
 }
 
-fn from_figment(figment: &Figment, origin: String, legacy: bool) -> Result<Policy, PolicyError> {
+/// `legacy_env` is the environment the policy was built from, in legacy mode.
+fn from_figment(
+    figment: &Figment,
+    origin: String,
+    legacy_env: Option<&BTreeMap<String, String>>,
+) -> Result<Policy, PolicyError> {
+    let legacy = legacy_env.is_some();
     let raw: RawPolicy = figment.extract().map_err(|e| PolicyError::Parse {
         origin: origin.clone(),
         message: e
@@ -354,7 +360,8 @@ fn from_figment(figment: &Figment, origin: String, legacy: bool) -> Result<Polic
     let mut problems = Vec::new();
     let policy = raw.validate(&origin, legacy, &mut problems);
     for p in &mut problems {
-        p.from = env_origin(figment, &p.key);
+        p.from = env_origin(figment, &p.key)
+            .or_else(|| legacy_env.and_then(|env| legacy_origin(&p.key, env)));
     }
     match policy {
         Some(policy) if problems.is_empty() => Ok(policy),
@@ -375,6 +382,22 @@ fn env_origin(figment: &Figment, key: &str) -> Option<String> {
         "environment variable GATEKEEPER_{}",
         base.to_ascii_uppercase().replace('.', "__")
     ))
+}
+
+/// The legacy variable behind a key of the policy built from it.
+fn legacy_origin(key: &str, env: &BTreeMap<String, String>) -> Option<String> {
+    let var = if key.starts_with("always_allow") {
+        "DEFAULT_SOURCE_RANGE"
+    } else if key == format!("sources.{LEGACY_SOURCE}.max_ips") {
+        if env.contains_key("MAX_IP_LEN") {
+            "MAX_IP_LEN"
+        } else {
+            "MAX_ALLOWED_IPS"
+        }
+    } else {
+        return None;
+    };
+    Some(format!("environment variable {var}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -700,6 +723,7 @@ impl RawPolicy {
         );
         if let (Some(a), Some(b)) = (listen, admin_listen)
             && a.port() == b.port()
+            && a.port() != 0
             && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
         {
             c.problem("admin.listen", format!("`{b}` collides with listen `{a}`"));
@@ -1154,5 +1178,229 @@ impl Policy {
             SourceKind::Mirror(m) if m.catch_all => Some(name.as_str()),
             _ => None,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    const MINIMAL: &str = "services: { immich: {} }\nsources:\n  ha: { kind: mirror, hosts: [ha.example.com], unlocks: \"*\" }\n";
+
+    fn env() -> BTreeMap<String, String> {
+        std::env::vars().collect()
+    }
+
+    fn problems(yaml: &str) -> Vec<String> {
+        match from_yaml_str(yaml, "test.yaml") {
+            Err(PolicyError::Invalid { problems, .. }) => {
+                problems.iter().map(|p| p.to_string()).collect()
+            }
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_design_example_is_valid_with_its_defaults() {
+        let p = from_yaml_str(
+            &std::fs::read_to_string("gatekeeper.example.yaml").unwrap(),
+            "example",
+        )
+        .unwrap();
+        assert_eq!(p.traefik.version, TraefikVersion::V3);
+        assert_eq!(p.traefik.middleware_name("immich"), "gatekeeper-immich");
+        assert_eq!(p.traefik.ip_strategy.as_ref().unwrap().depth, Some(0));
+        let ha = &p.sources["home-assistant"];
+        assert_eq!(ha.unlocks, vec!["immich", "jellyfin", "nextcloud"]);
+        assert_eq!(ha.limits.idle_ttl, Some(Duration::from_secs(7 * 86_400)));
+        let share = &p.sources["immich-share"];
+        assert_eq!(share.limits.max_age, Some(Duration::from_secs(48 * 3600)));
+        let SourceKind::Share(s) = &share.kind else {
+            panic!("immich-share is a share source")
+        };
+        assert!(s.patterns[0].regex.is_match(&format!("/share/{}", "a".repeat(67))));
+        // Anchored even though the pattern is matched inside a longer path.
+        assert!(!s.patterns[0].regex.is_match(&format!("/x/share/{}", "a".repeat(67))));
+        assert_eq!(
+            p.services["jellyfin"].always_allow,
+            vec!["203.0.113.7/32".parse::<IpNet>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn defaults_of_a_minimal_policy() {
+        let p = from_yaml_str(MINIMAL, "min").unwrap();
+        assert_eq!(p.listen, "0.0.0.0:5000".parse().unwrap());
+        assert_eq!(p.admin.listen, "127.0.0.1:5001".parse().unwrap());
+        assert_eq!(p.ipv6_prefix, 64);
+        assert_eq!(p.trusted_proxies.len(), DEFAULT_TRUSTED_PROXIES.len());
+        assert_eq!(p.sources["ha"].limits.max_ips, DEFAULT_MAX_IPS);
+        assert_eq!(p.sources["ha"].limits.idle_ttl, Some(DEFAULT_IDLE_TTL));
+        assert!(p.traefik.file.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let got = problems(
+            "listen: nowhere\nadmin: { listen: 127.0.0.1:5001, tokn: x }\ncolour: blue\n\
+             trusted_proxies: [10.0.0.0/33]\ntraefik: { version: 4, middleware_prefix: 'a b' }\n\
+             services:\n  immich: {}\n  'bad name': {}\n\
+             sources:\n\
+             \x20 a: { kind: mirror, hosts: [ha.example.com], unlocks: [immich, photos], max_ips: 0, idle_ttl: soon }\n\
+             \x20 b: { kind: mirror, hosts: [HA.example.com], unlocks: '*' }\n\
+             \x20 c: { kind: share, unlocks: [immich] }\n\
+             \x20 d: { kind: share, upstream: 'http://x:1/path', path: '(', unlocks: [immich] }\n\
+             \x20 e: { kind: carrier-pigeon, unlocks: [immich] }\n",
+        );
+        let expected = [
+            "listen: `nowhere` is not a listen address",
+            "admin.tokn: unknown key `tokn`",
+            "colour: unknown key `colour`",
+            "trusted_proxies[0]: `10.0.0.0/33` is not a CIDR range",
+            "traefik.version: `4` is not a supported Traefik version",
+            "traefik.middleware_prefix: `a b` may hold only",
+            "services.bad name: service name `bad name`",
+            "sources.a.unlocks[1]: service `photos` does not exist",
+            "sources.a.max_ips: `0` would grant nobody",
+            "sources.a.idle_ttl: `soon` is not a duration",
+            "sources.b.hosts[0]: host `ha.example.com` is already claimed by source `a`",
+            "sources.c.upstream: missing",
+            "sources.c.path: missing",
+            "sources.d.upstream: `http://x:1/path` must be an origin only",
+            "sources.d.path: regex `(` does not compile",
+            "sources.e.kind: `carrier-pigeon` is not a source kind",
+        ];
+        for e in expected {
+            assert!(
+                got.iter().any(|g| g.starts_with(e)),
+                "missing {e:?} in {got:#?}"
+            );
+        }
+        assert_eq!(got.len(), expected.len(), "{got:#?}");
+    }
+
+    #[test]
+    fn share_patterns_and_check_templates() {
+        let ok = "services: { immich: {} }\nsources:\n  s:\n    kind: share\n    upstream: http://immich:2283\n    unlocks: [immich]\n    patterns:\n\
+                  \x20     - { path: '^/share/(?P<key>[A-Za-z0-9_-]{67})$', check: '/api/shared-links/me?key={key}' }\n\
+                  \x20     - { path: '^/s/(?P<slug>[A-Za-z0-9_-]+)$', check: '/api/shared-links/me?slug={slug}' }\n";
+        let p = from_yaml_str(ok, "t").unwrap();
+        let SourceKind::Share(s) = &p.sources["s"].kind else {
+            panic!()
+        };
+        assert_eq!(s.patterns.len(), 2);
+        assert_eq!(s.upstream.authority().unwrap().as_str(), "immich:2283");
+        let bad = ok.replace("?slug={slug}", "?slug={nope}");
+        assert!(problems(&bad)[0].contains("uses `{nope}`, which regex"));
+        for upstream in ["ftp://x", "http://u:p@x:1", "http://x?q=1", "x:1"] {
+            let yaml = ok.replace("http://immich:2283", upstream);
+            let got = problems(&yaml);
+            assert!(got[0].starts_with("sources.s.upstream"), "{upstream}: {got:?}");
+        }
+    }
+
+    #[test]
+    fn durations_cidrs_and_names() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("0s").unwrap_err().contains("positive"));
+        assert!(parse_duration("7").is_err());
+        assert_eq!(parse_cidr("203.0.113.7"), Ok("203.0.113.7/32".parse().unwrap()));
+        assert_eq!(parse_cidr("10.1.2.3/8"), Ok("10.0.0.0/8".parse().unwrap()));
+        assert_eq!(parse_cidr("2001:db8::1"), Ok("2001:db8::1/128".parse().unwrap()));
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("").is_err());
+        // `never` is for legacy mode only: a policy file must bound grants in time.
+        let got = problems(&MINIMAL.replace("unlocks: \"*\"", "unlocks: \"*\", idle_ttl: never"));
+        assert!(got[0].starts_with("sources.ha.idle_ttl: `never`"), "{got:?}");
+    }
+
+    #[test]
+    fn file_then_environment_layering() {
+        Jail::expect_with(|jail| {
+            jail.create_file("gk.yaml", MINIMAL)?;
+            jail.set_env("GATEKEEPER_SOURCES__HA__MAX_IPS", "3");
+            jail.set_env("GATEKEEPER_LISTEN", "127.0.0.1:7000");
+            jail.set_env("GATEKEEPER_ADMIN__TOKEN", "s3cret");
+            jail.set_env("GATEKEEPER_CONFIG", "gk.yaml");
+            let location = Location::resolve(None, &env());
+            assert!(location.explicit);
+            let p = load(&location, &env()).unwrap();
+            assert_eq!(p.sources["ha"].limits.max_ips, 3);
+            assert_eq!(p.listen, "127.0.0.1:7000".parse().unwrap());
+            assert_eq!(p.admin.token.as_deref(), Some("s3cret"));
+
+            jail.set_env("GATEKEEPER_SOURCES__HA__MAX_IPS", "lots");
+            let err = load(&location, &env()).unwrap_err().to_string();
+            assert!(
+                err.contains("set by environment variable GATEKEEPER_SOURCES__HA__MAX_IPS"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_named_file_that_is_missing_is_an_error_not_legacy_mode() {
+        Jail::expect_with(|jail| {
+            jail.set_env("MAX_IP_LEN", "3");
+            let named = Location::resolve(Some("nope.yaml".into()), &env());
+            assert!(matches!(
+                load(&named, &env()),
+                Err(PolicyError::Missing { explicit: true, .. })
+            ));
+            // Not named: the legacy variables take over.
+            let p = load(&Location::resolve(None, &env()), &env()).unwrap();
+            assert!(p.legacy);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn legacy_variables_build_the_old_behaviour() {
+        Jail::expect_with(|jail| {
+            jail.set_env("MAX_IP_LEN", " 3 ");
+            jail.set_env("DEFAULT_SOURCE_RANGE", "10.0.0.0/8, 192.168.1.0/24,,");
+            let p = load(&Location::resolve(None, &env()), &env()).unwrap();
+            assert!(p.legacy);
+            assert_eq!(p.traefik.middleware_name(LEGACY_SERVICE), "dynamic-whitelist");
+            assert_eq!(p.traefik.file.as_deref(), Some(Path::new(LEGACY_FILE)));
+            assert_eq!(p.always_allow.len(), 2);
+            let src = &p.sources[LEGACY_SOURCE];
+            assert_eq!(src.limits.max_ips, 3);
+            assert_eq!(src.limits.idle_ttl, None);
+            assert_eq!(p.catch_all_mirror(), Some(LEGACY_SOURCE));
+
+            // The old app crashed on an empty range list; MAX_ALLOWED_IPS is the other old name.
+            jail.clear_env();
+            jail.set_env("DEFAULT_SOURCE_RANGE", "");
+            jail.set_env("MAX_ALLOWED_IPS", "5");
+            let p = load(&Location::resolve(None, &env()), &env()).unwrap();
+            assert!(p.always_allow.is_empty());
+            assert_eq!(p.sources[LEGACY_SOURCE].limits.max_ips, 5);
+
+            jail.set_env("MAX_ALLOWED_IPS", "five");
+            let err = load(&Location::resolve(None, &env()), &env())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("`five`") && err.contains("set by environment variable MAX_ALLOWED_IPS"),
+                "{err}"
+            );
+            jail.set_env("MAX_ALLOWED_IPS", "5");
+            jail.set_env("DEFAULT_SOURCE_RANGE", "10.0.0.0/8,bogus");
+            let err = load(&Location::resolve(None, &env()), &env())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("always_allow[1]: `bogus` is not a CIDR range")
+                    && err.contains("set by environment variable DEFAULT_SOURCE_RANGE"),
+                "{err}"
+            );
+            Ok(())
+        });
     }
 }
