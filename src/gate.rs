@@ -20,6 +20,7 @@ use crate::client_ip::ClientIp;
 use crate::ledger::{Ledger, Millis, Recorded, Removed, Snapshot, now_millis};
 use crate::policy::Policy;
 use crate::sinks::traefik_file;
+use crate::sources::share::{self, ShareState};
 use crate::store::{self, StoreError, StoredEntry};
 
 /// Writes of the outputs are at least this far apart, so churn cannot turn into a write storm
@@ -41,6 +42,8 @@ pub struct Active {
     pub mirror_hosts: HashMap<String, String>,
     /// The legacy catch-all mirror source, if any.
     pub catch_all: Option<String>,
+    /// Runtime state (throttle, cache, concurrency) of each share source.
+    pub shares: HashMap<String, Arc<ShareState>>,
 }
 
 impl Active {
@@ -60,11 +63,22 @@ impl Active {
             }
         }
         let catch_all = policy.catch_all_mirror().map(str::to_string);
+        let shares = policy
+            .sources
+            .iter()
+            .filter_map(|(name, s)| match &s.kind {
+                crate::policy::SourceKind::Share(share) => {
+                    Some((name.clone(), Arc::new(ShareState::new(&share.check))))
+                }
+                _ => None,
+            })
+            .collect();
         Active {
             policy,
             client_ip,
             mirror_hosts,
             catch_all,
+            shares,
         }
     }
 }
@@ -83,6 +97,10 @@ struct Inner {
     changes: watch::Sender<u64>,
     /// The highest change counter known to be in the state file.
     persisted: watch::Sender<u64>,
+    /// The highest change counter known to be in the Traefik file (or every change, without one).
+    written: watch::Sender<u64>,
+    /// Client for share checks and Traefik API polls.
+    http: reqwest::Client,
     /// The last output failure, for health reporting; `None` when healthy.
     output_error: Mutex<Option<String>>,
     clock: fn() -> Millis,
@@ -159,6 +177,8 @@ impl Gate {
                 snapshot: ArcSwap::from_pointee(snapshot),
                 changes: watch::Sender::new(0),
                 persisted: watch::Sender::new(0),
+                written: watch::Sender::new(0),
+                http: share::http_client(),
                 output_error: Mutex::new(None),
                 clock,
             }),
@@ -267,6 +287,17 @@ impl Gate {
         let mut rx = self.inner.persisted.subscribe();
         // The sender lives as long as the gate, which `self` keeps alive.
         let _ = rx.wait_for(|g| *g >= generation).await;
+    }
+
+    /// Wait until the Traefik file holds change `generation`.
+    pub async fn written(&self, generation: u64) {
+        let mut rx = self.inner.written.subscribe();
+        let _ = rx.wait_for(|g| *g >= generation).await;
+    }
+
+    /// The HTTP client for upstream checks.
+    pub fn http_client(&self) -> &reqwest::Client {
+        &self.inner.http
     }
 
     /// The last output failure, if the outputs are currently failing.
@@ -381,6 +412,16 @@ fn log_removed(removed: &[Removed]) {
     }
 }
 
+fn publish_at_least(tx: &watch::Sender<u64>, generation: u64) {
+    tx.send_if_modified(|g| {
+        let newer = generation > *g;
+        if newer {
+            *g = generation;
+        }
+        newer
+    });
+}
+
 /// Remembers what was last written, so unchanged outputs are not rewritten.
 #[derive(Default)]
 struct OutputWriter {
@@ -404,23 +445,24 @@ impl OutputWriter {
             }
         }
         if errors.is_empty() {
-            gate.inner.persisted.send_if_modified(|g| {
-                let newer = generation > *g;
-                if newer {
-                    *g = generation;
-                }
-                newer
-            });
+            publish_at_least(&gate.inner.persisted, generation);
         }
 
+        let mut written = true;
         if let Some(path) = &policy.traefik.file {
             let yaml = traefik_file::render(&gate.snapshot(), &policy.traefik, &policy.origin);
             if self.traefik.as_ref() != Some(&yaml) {
                 match traefik_file::write(path, &yaml) {
                     Ok(_) => self.traefik = Some(yaml),
-                    Err(e) => errors.push(e.to_string()),
+                    Err(e) => {
+                        written = false;
+                        errors.push(e.to_string());
+                    }
                 }
             }
+        }
+        if written {
+            publish_at_least(&gate.inner.written, generation);
         }
 
         let was_failing = gate.output_error().is_some();

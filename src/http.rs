@@ -1,49 +1,58 @@
-//! The proxy-facing router: mirrored requests (claimed by their Host before any route), and the
-//! routes later issues add. Only peers inside `trusted_proxies` are believed.
+//! The proxy-facing router: mirrored requests (claimed by their Host before any route), share
+//! forward-auth, allow decisions, the Traefik HTTP provider and the legacy share endpoint. Only
+//! peers inside `trusted_proxies` are believed.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use http::StatusCode;
+use axum::routing::{any, get};
+use http::{HeaderMap, StatusCode, header};
 
+use crate::client_ip::Refusal;
 use crate::gate::Gate;
-use crate::sources::mirror;
+use crate::policy::SourceKind;
+use crate::sinks::traefik_file;
+use crate::sources::{mirror, share};
 
 /// The router for the proxy-facing listener. Requests must carry `ConnectInfo<SocketAddr>`
 /// (see [`crate::server::serve`]).
 pub fn router(gate: Gate) -> Router {
     Router::new()
+        .route("/share/{source}", any(share_check))
+        .route("/allow/{service}", any(allow))
+        .route("/traefik/dynamic.json", get(dynamic_json))
+        .route("/verify_share_request", any(legacy_verify))
         .fallback(unclaimed)
         .layer(middleware::from_fn_with_state(gate.clone(), mirrored))
         .with_state(gate)
 }
 
+type Peer = ConnectInfo<SocketAddr>;
+
 fn peer(req: &Request) -> Option<SocketAddr> {
-    req.extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0)
+    req.extensions().get::<Peer>().map(|c| c.0)
 }
 
 /// A request whose Host belongs to a mirror source is that source's, whatever its path: answer
 /// before any route sees it, and without reading the body.
 async fn mirrored(State(gate): State<Gate>, req: Request, next: Next) -> Response {
     let active = gate.active();
-    if !active.mirror_hosts.is_empty() {
-        let (parts, body) = req.into_parts();
-        let host = mirror::request_host(&parts);
-        if let Some(source) = mirror::source_for_host(&active, host.as_deref()) {
-            let Some(peer) = parts.extensions.get::<ConnectInfo<SocketAddr>>() else {
-                return StatusCode::FORBIDDEN.into_response();
-            };
-            return mirror::record(&gate, &active, source, peer.0.ip(), &parts.headers)
-                .into_response();
-        }
-        return next.run(Request::from_parts(parts, body)).await;
+    if active.mirror_hosts.is_empty() {
+        return next.run(req).await;
     }
-    next.run(req).await
+    let (parts, body) = req.into_parts();
+    let host = mirror::request_host(&parts);
+    let Some(source) = mirror::source_for_host(&active, host.as_deref()) else {
+        return next.run(Request::from_parts(parts, body)).await;
+    };
+    let Some(peer) = parts.extensions.get::<Peer>() else {
+        return StatusCode::FORBIDDEN.into_response();
+    };
+    mirror::record(&gate, &active, source, peer.0.ip(), &parts.headers).into_response()
 }
 
 /// Nothing else claimed the request: legacy mode counts it as mirrored, otherwise 404.
@@ -55,4 +64,134 @@ async fn unclaimed(State(gate): State<Gate>, req: Request) -> Response {
         }
         _ => (StatusCode::NOT_FOUND, "not found\n").into_response(),
     }
+}
+
+/// `/share/{source}`: forward-auth for a share link (the URI in `X-Forwarded-Uri`).
+async fn share_check(
+    State(gate): State<Gate>,
+    ConnectInfo(peer): Peer,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let active = gate.active();
+    if !active.shares.contains_key(&source) {
+        let known: Vec<&str> = active.shares.keys().map(String::as_str).collect();
+        return (
+            StatusCode::NOT_FOUND,
+            format!(
+                "no share source `{source}` in the policy (share sources: {})\n",
+                known.join(", ")
+            ),
+        )
+            .into_response();
+    }
+    share::forward_auth(&gate, &active, &source, peer.ip(), &headers)
+        .await
+        .into_response()
+}
+
+/// `/allow/{service}`: 200 when the client is on the service's allow list, 403 otherwise. Judged
+/// on the same snapshot the file is rendered from, without a lock.
+async fn allow(
+    State(gate): State<Gate>,
+    ConnectInfo(peer): Peer,
+    Path(service): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let snapshot = gate.snapshot();
+    let Some(list) = snapshot.service(&service) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no service `{service}` in the policy\n"),
+        )
+            .into_response();
+    };
+    let active = gate.active();
+    let client = match active
+        .client_ip
+        .resolve(peer.ip(), headers.get_all("x-forwarded-for"))
+    {
+        Ok(ip) => ip,
+        // The address the proxy saw is itself in the trusted ranges (a LAN client, or a proxy
+        // hiding addresses): judge it like Traefik's ipAllowList would, by the list alone. It
+        // can pass only through always_allow, never through a grant.
+        Err(Refusal::ClientIsTrustedProxy(ip)) => ip,
+        Err(_) => return (StatusCode::FORBIDDEN, "forbidden\n").into_response(),
+    };
+    if list.allows(client) {
+        (StatusCode::OK, "allowed\n").into_response()
+    } else {
+        (StatusCode::FORBIDDEN, "forbidden\n").into_response()
+    }
+}
+
+/// `/traefik/dynamic.json`: the file's configuration as JSON for Traefik's HTTP provider; for
+/// trusted peers only (it lists who is allowed).
+async fn dynamic_json(State(gate): State<Gate>, ConnectInfo(peer): Peer) -> Response {
+    let active = gate.active();
+    if !active.client_ip.is_trusted(peer.ip()) {
+        return (StatusCode::FORBIDDEN, "forbidden\n").into_response();
+    }
+    let json = traefik_file::render_json(&gate.snapshot(), &active.policy.traefik);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        json.to_string(),
+    )
+        .into_response()
+}
+
+/// The old app's `/verify_share_request?protocol=..&container_name_port=..`: handled as the
+/// share source whose upstream is that origin. Any other origin is refused with 400 and the
+/// policy key to add; an unconfigured host is never contacted.
+async fn legacy_verify(
+    State(gate): State<Gate>,
+    ConnectInfo(peer): Peer,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let (Some(protocol), Some(target)) = (query.get("protocol"), query.get("container_name_port"))
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "verify_share_request needs ?protocol=http&container_name_port=host:port\n",
+        )
+            .into_response();
+    };
+    let active = gate.active();
+    let wanted: Option<String> = format!("{protocol}://{target}")
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|u| u.path() == "/" || u.path().is_empty())
+        .map(|u| share::origin_of(&u));
+    let source = wanted.as_ref().and_then(|wanted| {
+        active
+            .policy
+            .sources
+            .iter()
+            .find_map(|(name, s)| match &s.kind {
+                SourceKind::Share(sh) if &share::origin_of(&sh.upstream) == wanted => {
+                    Some(name.clone())
+                }
+                _ => None,
+            })
+    });
+    let Some(source) = source else {
+        let shown: String = format!("{protocol}://{target}")
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(200)
+            .collect();
+        return (
+            StatusCode::BAD_REQUEST,
+            format!(
+                "no share source has upstream `{shown}`; add one to the policy: \
+                 sources.<name>: {{ kind: share, upstream: \"{shown}\", path: '<regex of the share links>', unlocks: [<service>] }} \
+                 (in legacy mode: GATEKEEPER_SOURCES__<NAME>__KIND=share, ..__UPSTREAM, ..__PATH, ..__UNLOCKS)\n"
+            ),
+        )
+            .into_response();
+    };
+    share::forward_auth(&gate, &active, &source, peer.ip(), &headers)
+        .await
+        .into_response()
 }

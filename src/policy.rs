@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use figment::Figment;
@@ -64,7 +64,16 @@ pub struct Traefik {
     pub middleware_prefix: String,
     /// Passed through to Traefik's `ipStrategy`.
     pub ip_strategy: Option<IpStrategy>,
+    /// Traefik's API (`http://traefik:8080`): after a new share grant, poll it until the address
+    /// is in the middleware instead of waiting `propagation_delay`.
+    pub api: Option<http::Uri>,
+    /// After a new share grant is in the file, wait this long before answering (Traefik coalesces
+    /// file events for 2 s) so the viewer's next request already passes.
+    pub propagation_delay: Duration,
 }
+
+/// Default `traefik.propagation_delay`.
+pub const DEFAULT_PROPAGATION_DELAY: Duration = Duration::from_millis(2500);
 
 impl Traefik {
     /// The middleware name Traefik routers reference for `service` (without `@file`).
@@ -148,11 +157,51 @@ pub struct Share {
     pub upstream: http::Uri,
     /// Path patterns, anchored; a forwarded URI must match one before anything is sent.
     pub patterns: Vec<SharePattern>,
+    /// How the upstream is asked and how hard it may be asked.
+    pub check: ShareCheck,
 }
 
 impl PartialEq for Share {
     fn eq(&self, other: &Self) -> bool {
-        self.upstream == other.upstream && self.patterns == other.patterns
+        self.upstream == other.upstream
+            && self.patterns == other.patterns
+            && self.check == other.check
+    }
+}
+
+/// How a share source checks links upstream, and its brute-force limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareCheck {
+    /// HEAD instead of GET.
+    pub head: bool,
+    /// A check slower than this fails closed (503).
+    pub timeout: Duration,
+    /// Upstream statuses that mean "valid link".
+    pub valid_status: Vec<u16>,
+    /// Failed checks per client within `failure_window` before it is banned.
+    pub max_failures: u32,
+    /// Window in which failures are counted.
+    pub failure_window: Duration,
+    /// How long a client that failed too often gets 429 without the upstream being asked.
+    pub ban: Duration,
+    /// Upstream checks of this source in flight at once.
+    pub max_concurrent_checks: usize,
+    /// A valid answer is remembered this long, so one viewer's burst asks the upstream once.
+    pub cache: Duration,
+}
+
+impl Default for ShareCheck {
+    fn default() -> Self {
+        ShareCheck {
+            head: false,
+            timeout: Duration::from_secs(3),
+            valid_status: vec![200],
+            max_failures: 5,
+            failure_window: Duration::from_secs(600),
+            ban: Duration::from_secs(3600),
+            max_concurrent_checks: 8,
+            cache: Duration::from_secs(60),
+        }
     }
 }
 
@@ -330,11 +379,7 @@ pub const LEGACY_ORIGIN: &str = "legacy environment (MAX_IP_LEN, DEFAULT_SOURCE_
 
 /// Parse and validate a policy from YAML text, without environment variables (tests, tools).
 pub fn from_yaml_str(yaml: &str, origin: &str) -> Result<Policy, PolicyError> {
-    from_figment(
-        &Figment::from(Yaml::string(yaml)),
-        origin.to_string(),
-        None,
-    )
+    from_figment(&Figment::from(Yaml::string(yaml)), origin.to_string(), None)
 }
 
 fn env_provider() -> Env {
@@ -514,6 +559,8 @@ struct RawTraefik {
     version: Option<u8>,
     middleware_prefix: Option<String>,
     ip_strategy: Option<RawIpStrategy>,
+    api: Option<String>,
+    propagation_delay: Option<String>,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -557,9 +604,32 @@ struct RawSource {
     upstream: Option<String>,
     path: Option<String>,
     patterns: Option<Vec<RawPattern>>,
+    method: Option<String>,
+    timeout: Option<String>,
+    valid_status: Option<Vec<u16>>,
+    max_failures: Option<u32>,
+    failure_window: Option<String>,
+    ban: Option<String>,
+    max_concurrent_checks: Option<usize>,
+    cache: Option<String>,
     #[serde(flatten)]
     unknown: Unknown,
 }
+
+/// Keys only share sources have.
+const SHARE_KEYS: &[&str] = &[
+    "upstream",
+    "path",
+    "patterns",
+    "method",
+    "timeout",
+    "valid_status",
+    "max_failures",
+    "failure_window",
+    "ban",
+    "max_concurrent_checks",
+    "cache",
+];
 
 #[derive(Debug, Deserialize)]
 struct RawPattern {
@@ -712,8 +782,35 @@ impl RawPolicy {
         c.unknown(
             "traefik",
             &self.traefik.unknown,
-            &["file", "version", "middleware_prefix", "ip_strategy"],
+            &[
+                "file",
+                "version",
+                "middleware_prefix",
+                "ip_strategy",
+                "api",
+                "propagation_delay",
+            ],
         );
+        let api = self
+            .traefik
+            .api
+            .as_deref()
+            .and_then(|u| match parse_upstream(u) {
+                Ok(uri) => Some(uri),
+                Err(e) => {
+                    c.problem("traefik.api", e);
+                    None
+                }
+            });
+        let propagation_delay = match self.traefik.propagation_delay.as_deref() {
+            None => DEFAULT_PROPAGATION_DELAY,
+            // Zero is allowed here: with nginx or Caddy deciding through /allow there is nothing
+            // to wait for.
+            Some(v) if v.trim() == "0s" || v.trim() == "0" => Duration::ZERO,
+            Some(v) => c
+                .duration("traefik.propagation_delay", Some(v))
+                .unwrap_or(DEFAULT_PROPAGATION_DELAY),
+        };
 
         let listen = c.socket("listen", self.listen.as_deref(), "0.0.0.0:5000");
         let admin_listen = c.socket(
@@ -857,6 +954,8 @@ impl RawPolicy {
                 version,
                 middleware_prefix,
                 ip_strategy,
+                api,
+                propagation_delay,
             },
             always_allow,
             services,
@@ -877,11 +976,19 @@ const SOURCE_KEYS: &[&str] = &[
     "upstream",
     "path",
     "patterns",
+    "method",
+    "timeout",
+    "valid_status",
+    "max_failures",
+    "failure_window",
+    "ban",
+    "max_concurrent_checks",
+    "cache",
 ];
 
 impl RawSource {
     fn validate(
-        self,
+        mut self,
         key: &str,
         name: &str,
         services: &IndexMap<String, Service>,
@@ -891,7 +998,7 @@ impl RawSource {
     ) -> Option<Source> {
         c.unknown(key, &self.unknown, SOURCE_KEYS);
 
-        let unlocks = match self.unlocks {
+        let unlocks = match self.unlocks.take() {
             None => {
                 c.problem(
                     format!("{key}.unlocks"),
@@ -954,15 +1061,8 @@ impl RawSource {
 
         let kind = match self.kind.as_deref() {
             Some("mirror") => {
-                for field in ["upstream", "path", "patterns"] {
-                    let set = match field {
-                        "upstream" => self.upstream.is_some(),
-                        "path" => self.path.is_some(),
-                        _ => self.patterns.is_some(),
-                    };
-                    if set {
-                        c.problem(format!("{key}.{field}"), "only share sources have this key");
-                    }
+                for field in self.share_keys_set() {
+                    c.problem(format!("{key}.{field}"), "only share sources have this key");
                 }
                 let catch_all = self.catch_all.unwrap_or(false);
                 let mut hosts = Vec::new();
@@ -1025,6 +1125,7 @@ impl RawSource {
                         }
                     },
                 };
+                let check = self.share_check(key, c);
                 let mut raw_patterns: Vec<(String, Option<String>, String)> = Vec::new();
                 if let Some(p) = self.path {
                     raw_patterns.push((p, None, format!("{key}.path")));
@@ -1053,7 +1154,13 @@ impl RawSource {
                         Err(e) => c.problem(pkey, e),
                     }
                 }
-                upstream.map(|upstream| SourceKind::Share(Share { upstream, patterns }))?
+                upstream.map(|upstream| {
+                    SourceKind::Share(Share {
+                        upstream,
+                        patterns,
+                        check,
+                    })
+                })?
             }
             Some(other) => {
                 c.problem(
@@ -1076,6 +1183,99 @@ impl RawSource {
                 max_age,
             },
         })
+    }
+}
+
+impl RawSource {
+    fn share_keys_set(&self) -> Vec<&'static str> {
+        let set = [
+            self.upstream.is_some(),
+            self.path.is_some(),
+            self.patterns.is_some(),
+            self.method.is_some(),
+            self.timeout.is_some(),
+            self.valid_status.is_some(),
+            self.max_failures.is_some(),
+            self.failure_window.is_some(),
+            self.ban.is_some(),
+            self.max_concurrent_checks.is_some(),
+            self.cache.is_some(),
+        ];
+        SHARE_KEYS
+            .iter()
+            .zip(set)
+            .filter_map(|(k, set)| set.then_some(*k))
+            .collect()
+    }
+
+    fn share_check(&self, key: &str, c: &mut Checker<'_>) -> ShareCheck {
+        let d = ShareCheck::default();
+        let head = match self
+            .method
+            .as_deref()
+            .map(str::to_ascii_uppercase)
+            .as_deref()
+        {
+            None | Some("GET") => false,
+            Some("HEAD") => true,
+            Some(_) => {
+                c.problem(
+                    format!("{key}.method"),
+                    format!(
+                        "`{}` is not a check method (GET or HEAD)",
+                        self.method.as_deref().unwrap_or_default()
+                    ),
+                );
+                false
+            }
+        };
+        let valid_status = self.valid_status.clone().unwrap_or(d.valid_status);
+        if valid_status.is_empty() {
+            c.problem(
+                format!("{key}.valid_status"),
+                "empty: no answer could ever be valid",
+            );
+        }
+        for (i, s) in valid_status.iter().enumerate() {
+            if !(200..300).contains(s) {
+                c.problem(
+                    format!("{key}.valid_status[{i}]"),
+                    format!(
+                        "`{s}` is not a 2xx status; an error or redirect must never count as a valid link"
+                    ),
+                );
+            }
+        }
+        let max_failures = self.max_failures.unwrap_or(d.max_failures);
+        if max_failures == 0 {
+            c.problem(
+                format!("{key}.max_failures"),
+                "`0` would ban every client at once; it must be at least 1",
+            );
+        }
+        let max_concurrent_checks = self
+            .max_concurrent_checks
+            .unwrap_or(d.max_concurrent_checks);
+        if max_concurrent_checks == 0 {
+            c.problem(
+                format!("{key}.max_concurrent_checks"),
+                "`0` would never check a link; it must be at least 1",
+            );
+        }
+        let mut dur = |name: &str, v: &Option<String>, default: Duration| {
+            c.duration(&format!("{key}.{name}"), v.as_deref())
+                .unwrap_or(default)
+        };
+        ShareCheck {
+            head,
+            timeout: dur("timeout", &self.timeout, d.timeout),
+            valid_status,
+            max_failures,
+            failure_window: dur("failure_window", &self.failure_window, d.failure_window),
+            ban: dur("ban", &self.ban, d.ban),
+            max_concurrent_checks,
+            cache: dur("cache", &self.cache, d.cache),
+        }
     }
 }
 
@@ -1182,9 +1382,12 @@ impl Policy {
 }
 
 #[cfg(test)]
+// figment::Jail's closures return figment's own (large) error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
+    use std::path::Path;
 
     const MINIMAL: &str = "services: { immich: {} }\nsources:\n  ha: { kind: mirror, hosts: [ha.example.com], unlocks: \"*\" }\n";
 
@@ -1219,9 +1422,17 @@ mod tests {
         let SourceKind::Share(s) = &share.kind else {
             panic!("immich-share is a share source")
         };
-        assert!(s.patterns[0].regex.is_match(&format!("/share/{}", "a".repeat(67))));
+        assert!(
+            s.patterns[0]
+                .regex
+                .is_match(&format!("/share/{}", "a".repeat(67)))
+        );
         // Anchored even though the pattern is matched inside a longer path.
-        assert!(!s.patterns[0].regex.is_match(&format!("/x/share/{}", "a".repeat(67))));
+        assert!(
+            !s.patterns[0]
+                .regex
+                .is_match(&format!("/x/share/{}", "a".repeat(67)))
+        );
         assert_eq!(
             p.services["jellyfin"].always_allow,
             vec!["203.0.113.7/32".parse::<IpNet>().unwrap()]
@@ -1296,7 +1507,10 @@ mod tests {
         for upstream in ["ftp://x", "http://u:p@x:1", "http://x?q=1", "x:1"] {
             let yaml = ok.replace("http://immich:2283", upstream);
             let got = problems(&yaml);
-            assert!(got[0].starts_with("sources.s.upstream"), "{upstream}: {got:?}");
+            assert!(
+                got[0].starts_with("sources.s.upstream"),
+                "{upstream}: {got:?}"
+            );
         }
     }
 
@@ -1308,14 +1522,23 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("0s").unwrap_err().contains("positive"));
         assert!(parse_duration("7").is_err());
-        assert_eq!(parse_cidr("203.0.113.7"), Ok("203.0.113.7/32".parse().unwrap()));
+        assert_eq!(
+            parse_cidr("203.0.113.7"),
+            Ok("203.0.113.7/32".parse().unwrap())
+        );
         assert_eq!(parse_cidr("10.1.2.3/8"), Ok("10.0.0.0/8".parse().unwrap()));
-        assert_eq!(parse_cidr("2001:db8::1"), Ok("2001:db8::1/128".parse().unwrap()));
+        assert_eq!(
+            parse_cidr("2001:db8::1"),
+            Ok("2001:db8::1/128".parse().unwrap())
+        );
         assert!(parse_cidr("10.0.0.0/33").is_err());
         assert!(parse_cidr("").is_err());
         // `never` is for legacy mode only: a policy file must bound grants in time.
         let got = problems(&MINIMAL.replace("unlocks: \"*\"", "unlocks: \"*\", idle_ttl: never"));
-        assert!(got[0].starts_with("sources.ha.idle_ttl: `never`"), "{got:?}");
+        assert!(
+            got[0].starts_with("sources.ha.idle_ttl: `never`"),
+            "{got:?}"
+        );
     }
 
     #[test]
@@ -1366,7 +1589,10 @@ mod tests {
             jail.set_env("DEFAULT_SOURCE_RANGE", "10.0.0.0/8, 192.168.1.0/24,,");
             let p = load(&Location::resolve(None, &env()), &env()).unwrap();
             assert!(p.legacy);
-            assert_eq!(p.traefik.middleware_name(LEGACY_SERVICE), "dynamic-whitelist");
+            assert_eq!(
+                p.traefik.middleware_name(LEGACY_SERVICE),
+                "dynamic-whitelist"
+            );
             assert_eq!(p.traefik.file.as_deref(), Some(Path::new(LEGACY_FILE)));
             assert_eq!(p.always_allow.len(), 2);
             let src = &p.sources[LEGACY_SOURCE];
@@ -1387,7 +1613,8 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(
-                err.contains("`five`") && err.contains("set by environment variable MAX_ALLOWED_IPS"),
+                err.contains("`five`")
+                    && err.contains("set by environment variable MAX_ALLOWED_IPS"),
                 "{err}"
             );
             jail.set_env("MAX_ALLOWED_IPS", "5");

@@ -226,6 +226,8 @@ mod tests {
             version,
             middleware_prefix: "gatekeeper-".into(),
             ip_strategy,
+            api: None,
+            propagation_delay: std::time::Duration::ZERO,
         }
     }
 

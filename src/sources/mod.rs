@@ -1,3 +1,4 @@
 //! Trust sources: inputs that turn requests into grants.
 
 pub mod mirror;
+pub mod share;

@@ -1,0 +1,780 @@
+//! The share source: forward-auth for share links. The forwarded URI must match one of the
+//! source's anchored patterns before anything is sent; the check goes only to the policy's
+//! upstream origin; failed checks are counted per client and throttled; checks in flight are
+//! bounded; a valid answer is cached briefly.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::ledger::Millis;
+use crate::policy::{Share, ShareCheck};
+
+/// Forwarded URIs longer than this are refused: no share link is this long.
+pub const MAX_URI_LEN: usize = 2048;
+/// Clients tracked per source for throttling; past this, stale records are pruned, and if none
+/// is stale the newcomer is refused (fail closed) rather than forgetting a ban.
+pub const MAX_TRACKED_CLIENTS: usize = 65_536;
+/// Cached valid links per source.
+pub const MAX_CACHED_LINKS: usize = 4096;
+
+/// Why a forwarded URI is refused before anything is sent upstream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkRefusal {
+    /// No `X-Forwarded-Uri` header, or an empty one.
+    #[error("no forwarded uri")]
+    Missing,
+    /// Longer than [`MAX_URI_LEN`].
+    #[error("forwarded uri is {0} bytes, over {MAX_URI_LEN}")]
+    TooLong(usize),
+    /// Not an origin-form path (`//host`, `http://host`, `@host`, backslashes, controls, ...).
+    #[error("forwarded uri is not a plain path: {0}")]
+    NotAPath(&'static str),
+    /// The path matches none of the source's patterns.
+    #[error("path matches no pattern of the source")]
+    NoMatch,
+    /// The built URL would leave the upstream's origin (never expected; checked anyway).
+    #[error("check url {0} leaves the upstream origin")]
+    OffOrigin(String),
+}
+
+/// The URL to check a forwarded URI against: the upstream origin plus the matched pattern's
+/// check template (captures percent-encoded) or, without a template, the forwarded path and query.
+pub fn check_url(share: &Share, forwarded_uri: &str) -> Result<reqwest::Url, LinkRefusal> {
+    let uri = forwarded_uri;
+    if uri.is_empty() {
+        return Err(LinkRefusal::Missing);
+    }
+    if uri.len() > MAX_URI_LEN {
+        return Err(LinkRefusal::TooLong(uri.len()));
+    }
+    if !uri.starts_with('/') {
+        return Err(LinkRefusal::NotAPath("does not start with /"));
+    }
+    if uri.starts_with("//") {
+        return Err(LinkRefusal::NotAPath("starts with // (another host)"));
+    }
+    if let Some(c) = uri
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || matches!(c, '\\' | '#'))
+    {
+        return Err(LinkRefusal::NotAPath(match c {
+            '\\' => "holds a backslash",
+            '#' => "holds a fragment",
+            _ => "holds whitespace, control or non-ASCII characters",
+        }));
+    }
+    let path = uri.split_once('?').map_or(uri, |(p, _)| p);
+    // Whatever a pattern allows, these never reach an upstream: they re-route on servers that
+    // decode before routing.
+    let lower = path.to_ascii_lowercase();
+    if path.split('/').any(|seg| seg == ".." || seg == ".")
+        || ["%2e", "%2f", "%5c", "%00", "%25"]
+            .iter()
+            .any(|bad| lower.contains(bad))
+    {
+        return Err(LinkRefusal::NotAPath(
+            "holds dot segments or encoded separators",
+        ));
+    }
+    let mut path_and_query = None;
+    for pattern in &share.patterns {
+        let Some(caps) = pattern.regex.captures(path) else {
+            continue;
+        };
+        path_and_query = Some(match &pattern.check {
+            None => uri.to_string(),
+            Some(template) => fill(template, |name| caps.name(name).map_or("", |m| m.as_str())),
+        });
+        break;
+    }
+    let Some(path_and_query) = path_and_query else {
+        return Err(LinkRefusal::NoMatch);
+    };
+    let origin = origin_of(&share.upstream);
+    let url = reqwest::Url::parse(&format!("{origin}{path_and_query}"))
+        .map_err(|_| LinkRefusal::OffOrigin(format!("{origin}{path_and_query}")))?;
+    // The invariant every other check serves: the request goes to the configured origin only.
+    if origin_of_url(&url) != origin || !url.username().is_empty() || url.password().is_some() {
+        return Err(LinkRefusal::OffOrigin(url.to_string()));
+    }
+    Ok(url)
+}
+
+/// `scheme://host:port` of a policy upstream, the port made explicit.
+pub fn origin_of(uri: &http::Uri) -> String {
+    let scheme = uri.scheme_str().unwrap_or("http");
+    let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if scheme == "https" { 443 } else { 80 });
+    format!("{scheme}://{host}:{port}")
+}
+
+fn origin_of_url(url: &reqwest::Url) -> String {
+    let host = match url.host() {
+        Some(url::Host::Ipv6(a)) => format!("[{a}]"),
+        Some(h) => h.to_string().to_ascii_lowercase(),
+        None => String::new(),
+    };
+    format!(
+        "{}://{}:{}",
+        url.scheme(),
+        host,
+        url.port_or_known_default().unwrap_or(0)
+    )
+}
+
+/// Replace `{name}` in `template` by the percent-encoded value of capture `name`.
+fn fill<'a>(template: &str, value: impl Fn(&str) -> &'a str) -> String {
+    let mut out = String::with_capacity(template.len() + 80);
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        match after.find('}') {
+            Some(end) => {
+                percent_encode_into(&mut out, value(&after[..end]));
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A capture can only add data to the check, never structure (`/`, `?`, `&`, `#`).
+fn percent_encode_into(out: &mut String, s: &str) {
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+/// The network a client is throttled by: its /32, or its IPv6 prefix (an attacker rotating
+/// addresses inside one /64 is one client).
+pub fn throttle_key(client: IpAddr, ipv6_prefix: u8) -> IpNet {
+    let prefix = if client.is_ipv4() { 32 } else { ipv6_prefix };
+    IpNet::new(client, prefix).map_or(IpNet::from(client), |n| n.trunc())
+}
+
+#[derive(Debug, Default, Clone)]
+struct ClientRecord {
+    failures: Vec<Millis>,
+    in_flight: u32,
+    banned_until: Option<Millis>,
+}
+
+/// Answer of [`Throttle::admit`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Go ahead; report the outcome with [`Throttle::finish`].
+    Admitted,
+    /// Banned or at the failure limit: answer 429 without asking the upstream.
+    Throttled,
+}
+
+/// Failed checks per client, and bans. Checks in flight count against the limit, so a burst
+/// of concurrent guesses cannot get more than `max_failures` of them to the upstream.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    clients: Mutex<HashMap<IpNet, ClientRecord>>,
+}
+
+impl Throttle {
+    /// May `client` make another check at `now`?
+    pub fn admit(&self, client: IpNet, limits: &ShareCheck, now: Millis) -> Admission {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if !clients.contains_key(&client) && clients.len() >= MAX_TRACKED_CLIENTS {
+            let window = ms(limits.failure_window);
+            clients.retain(|_, r| {
+                r.in_flight > 0
+                    || r.banned_until.is_some_and(|b| b > now)
+                    || r.failures.iter().any(|t| t + window > now)
+            });
+            if clients.len() >= MAX_TRACKED_CLIENTS {
+                warn!(%client, "too many clients tracked for throttling; refusing a new one");
+                return Admission::Throttled;
+            }
+        }
+        let r = clients.entry(client).or_default();
+        if r.banned_until.is_some_and(|b| b > now) {
+            return Admission::Throttled;
+        }
+        r.banned_until = None;
+        let window = ms(limits.failure_window);
+        r.failures.retain(|t| t + window > now);
+        if r.failures.len() as u64 + u64::from(r.in_flight) >= u64::from(limits.max_failures) {
+            return Admission::Throttled;
+        }
+        r.in_flight += 1;
+        Admission::Admitted
+    }
+
+    /// Report an admitted check's outcome: `failed` counts towards the ban. Returns true when
+    /// this failure started a ban.
+    pub fn finish(&self, client: IpNet, failed: bool, limits: &ShareCheck, now: Millis) -> bool {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(r) = clients.get_mut(&client) else {
+            return false;
+        };
+        r.in_flight = r.in_flight.saturating_sub(1);
+        if !failed {
+            if r.failures.is_empty() && r.in_flight == 0 && r.banned_until.is_none() {
+                clients.remove(&client);
+            }
+            return false;
+        }
+        r.failures.push(now);
+        if r.failures.len() as u64 >= u64::from(limits.max_failures) {
+            r.banned_until = Some(now + ms(limits.ban));
+            r.failures.clear();
+            return true;
+        }
+        false
+    }
+}
+
+fn ms(d: Duration) -> Millis {
+    d.as_millis().min(u64::MAX as u128) as Millis
+}
+
+/// Valid links, remembered for `cache` so a viewer's burst asks the upstream once.
+#[derive(Debug, Default)]
+pub struct LinkCache {
+    valid_until: Mutex<HashMap<String, Millis>>,
+}
+
+impl LinkCache {
+    /// Is `url` known valid at `now`?
+    pub fn is_valid(&self, url: &str, now: Millis) -> bool {
+        let cache = self
+            .valid_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        cache.get(url).is_some_and(|t| *t > now)
+    }
+
+    /// Remember `url` as valid until `now + ttl`.
+    pub fn insert(&self, url: String, ttl: Duration, now: Millis) {
+        if ttl.is_zero() {
+            return;
+        }
+        let mut cache = self
+            .valid_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= MAX_CACHED_LINKS {
+            cache.retain(|_, t| *t > now);
+            if cache.len() >= MAX_CACHED_LINKS {
+                cache.clear();
+            }
+        }
+        cache.insert(url, now + ms(ttl));
+    }
+}
+
+/// Per-source runtime state of a share source.
+#[derive(Debug)]
+pub struct ShareState {
+    /// Failure counting and bans.
+    pub throttle: Throttle,
+    /// Recently valid links.
+    pub cache: LinkCache,
+    /// Bounds the checks in flight.
+    pub in_flight: Semaphore,
+}
+
+impl ShareState {
+    /// Fresh state for a source with these limits.
+    pub fn new(check: &ShareCheck) -> Self {
+        ShareState {
+            throttle: Throttle::default(),
+            cache: LinkCache::default(),
+            in_flight: Semaphore::new(check.max_concurrent_checks),
+        }
+    }
+}
+
+/// What the upstream said about a link.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// A status in `valid_status`.
+    Valid,
+    /// Any other status.
+    Invalid(u16),
+    /// No answer within the timeout, or no connection: fail closed.
+    Unreachable(String),
+}
+
+/// The HTTP client for checks: no redirects followed, no proxy from the environment, bounded
+/// connect time. One per process; timeouts are set per request.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(3))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .user_agent(concat!("gatekeeper/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_else(|_| reqwest::Client::new())
+}
+
+/// Ask the upstream about `url`. The body is never read: only the status matters, and an
+/// upstream answering 100 MB must not cost memory.
+pub async fn ask(client: &reqwest::Client, url: reqwest::Url, check: &ShareCheck) -> Verdict {
+    let method = if check.head {
+        reqwest::Method::HEAD
+    } else {
+        reqwest::Method::GET
+    };
+    let request = client.request(method, url).timeout(check.timeout).send();
+    match tokio::time::timeout(check.timeout, request).await {
+        Err(_) => Verdict::Unreachable(format!("no answer within {:?}", check.timeout)),
+        Ok(Err(e)) => Verdict::Unreachable(error_chain(&e.without_url())),
+        Ok(Ok(resp)) => {
+            let status = resp.status().as_u16();
+            debug!(status, "share check answered");
+            if check.valid_status.contains(&status) {
+                Verdict::Valid
+            } else {
+                Verdict::Invalid(status)
+            }
+        }
+    }
+}
+
+/// "error sending request: connection refused": the error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{SourceKind, from_yaml_str};
+
+    fn share(patterns: &str) -> Share {
+        let yaml = format!(
+            "services: {{ immich: {{}} }}\nsources:\n  s:\n    kind: share\n    upstream: http://immich:2283\n    unlocks: [immich]\n{patterns}"
+        );
+        match from_yaml_str(&yaml, "t").unwrap().sources["s"].kind.clone() {
+            SourceKind::Share(s) => s,
+            _ => unreachable!(),
+        }
+    }
+
+    fn immich() -> Share {
+        share(
+            "    patterns:\n\
+             \x20     - { path: '^/share/(?P<key>[A-Za-z0-9_-]{67})$', check: '/api/shared-links/me?key={key}' }\n\
+             \x20     - { path: '^/s/(?P<slug>[A-Za-z0-9_-]+)$', check: '/api/shared-links/me?slug={slug}' }\n",
+        )
+    }
+
+    fn nextcloud() -> Share {
+        share("    path: '^/s/[A-Za-z0-9]{15}$'\n")
+    }
+
+    #[test]
+    fn real_app_links_become_checks_on_the_upstream() {
+        let key = "A".repeat(60) + "b-_c9Zz";
+        assert_eq!(
+            check_url(&immich(), &format!("/share/{key}"))
+                .unwrap()
+                .as_str(),
+            format!("http://immich:2283/api/shared-links/me?key={key}")
+        );
+        assert_eq!(
+            check_url(&immich(), "/s/my-holiday").unwrap().as_str(),
+            "http://immich:2283/api/shared-links/me?slug=my-holiday"
+        );
+        // The default check forwards the path and query as they are.
+        assert_eq!(
+            check_url(&nextcloud(), "/s/AbCdEfGhIjKlMnO?dir=/x")
+                .unwrap()
+                .as_str(),
+            "http://immich:2283/s/AbCdEfGhIjKlMnO?dir=/x"
+        );
+    }
+
+    #[test]
+    fn hostile_uris_never_leave_the_upstream_or_skip_the_pattern() {
+        let key = "k".repeat(67);
+        let cases: Vec<(String, LinkRefusal)> = vec![
+            ("".into(), LinkRefusal::Missing),
+            (
+                "//evil.example/s/AbCdEfGhIjKlMnO".into(),
+                LinkRefusal::NotAPath("starts with // (another host)"),
+            ),
+            (
+                "http://evil.example/s/AbCdEfGhIjKlMnO".into(),
+                LinkRefusal::NotAPath("does not start with /"),
+            ),
+            (
+                "@evil.example/s/AbCdEfGhIjKlMnO".into(),
+                LinkRefusal::NotAPath("does not start with /"),
+            ),
+            (
+                "/s/../admin".into(),
+                LinkRefusal::NotAPath("holds dot segments or encoded separators"),
+            ),
+            (
+                "/s/%2e%2e/admin".into(),
+                LinkRefusal::NotAPath("holds dot segments or encoded separators"),
+            ),
+            (
+                "/s/AbCdEfG%2FhIjKlMn".into(),
+                LinkRefusal::NotAPath("holds dot segments or encoded separators"),
+            ),
+            (
+                "/s\\..\\admin".into(),
+                LinkRefusal::NotAPath("holds a backslash"),
+            ),
+            (
+                "/s/AbCdEfGhIjKlMnO#x".into(),
+                LinkRefusal::NotAPath("holds a fragment"),
+            ),
+            (
+                "/s/AbCdEf hIjKlMnO".into(),
+                LinkRefusal::NotAPath("holds whitespace, control or non-ASCII characters"),
+            ),
+            (
+                "/s/AbCdEfGhIjKlMn\u{e9}".into(),
+                LinkRefusal::NotAPath("holds whitespace, control or non-ASCII characters"),
+            ),
+            (
+                format!("/s/{}", "a".repeat(MAX_URI_LEN)),
+                LinkRefusal::TooLong(MAX_URI_LEN + 3),
+            ),
+            ("/s/short".into(), LinkRefusal::NoMatch),
+            ("/x/s/AbCdEfGhIjKlMnO".into(), LinkRefusal::NoMatch),
+            (
+                "/s/AbCdEfGhIjKlMnO/../../admin".into(),
+                LinkRefusal::NotAPath("holds dot segments or encoded separators"),
+            ),
+            (format!("/share/{key}/extra"), LinkRefusal::NoMatch),
+        ];
+        for (uri, want) in cases {
+            let nc = check_url(&nextcloud(), &uri);
+            let im = check_url(&immich(), &uri);
+            assert_eq!(nc, Err(want.clone()), "nextcloud {uri:?}");
+            // Immich's patterns differ, so only the structural refusals are identical.
+            if want != LinkRefusal::NoMatch {
+                assert_eq!(im, Err(want), "immich {uri:?}");
+            } else {
+                assert!(
+                    im.is_err() || im.as_ref().unwrap().host_str() == Some("immich"),
+                    "{uri:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn captures_cannot_add_structure_to_the_check() {
+        // A pattern lax enough to capture separators still cannot steer the check.
+        let lax = share(
+            "    patterns:\n      - { path: '^/s/(?P<slug>[^/]+)$', check: '/api/shared-links/me?slug={slug}' }\n",
+        );
+        let url = check_url(&lax, "/s/x&admin=1;@evil.example:1").unwrap();
+        assert_eq!(url.host_str(), Some("immich"));
+        assert_eq!(url.port(), Some(2283));
+        assert_eq!(
+            url.query(),
+            Some("slug=x%26admin%3D1%3B%40evil.example%3A1")
+        );
+    }
+
+    #[test]
+    fn throttle_counts_in_flight_and_bans() {
+        let limits = ShareCheck {
+            max_failures: 3,
+            ..ShareCheck::default()
+        };
+        let t = Throttle::default();
+        let c: IpNet = "203.0.113.9/32".parse().unwrap();
+        // Three concurrent guesses are admitted, the fourth is not even sent.
+        for _ in 0..3 {
+            assert_eq!(t.admit(c, &limits, 0), Admission::Admitted);
+        }
+        assert_eq!(t.admit(c, &limits, 0), Admission::Throttled);
+        assert!(!t.finish(c, true, &limits, 1));
+        assert!(!t.finish(c, true, &limits, 2));
+        assert!(t.finish(c, true, &limits, 3), "the third failure bans");
+        let ban_ends = 3 + ms(limits.ban);
+        assert_eq!(t.admit(c, &limits, ban_ends - 1), Admission::Throttled);
+        assert_eq!(t.admit(c, &limits, ban_ends), Admission::Admitted);
+        // Other clients are not affected; successes do not count.
+        let other: IpNet = "203.0.113.10/32".parse().unwrap();
+        for i in 0..10 {
+            assert_eq!(t.admit(other, &limits, i), Admission::Admitted);
+            assert!(!t.finish(other, false, &limits, i));
+        }
+    }
+
+    #[test]
+    fn failures_outside_the_window_are_forgotten() {
+        let limits = ShareCheck {
+            max_failures: 2,
+            failure_window: Duration::from_secs(10),
+            ..ShareCheck::default()
+        };
+        let t = Throttle::default();
+        let c: IpNet = "203.0.113.9/32".parse().unwrap();
+        assert_eq!(t.admit(c, &limits, 0), Admission::Admitted);
+        t.finish(c, true, &limits, 0);
+        assert_eq!(t.admit(c, &limits, 10_000), Admission::Admitted);
+        assert!(
+            !t.finish(c, true, &limits, 10_000),
+            "the first failure has aged out"
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_are_throttled_by_prefix() {
+        let a = throttle_key("2001:db8:1:2::5".parse().unwrap(), 64);
+        let b = throttle_key("2001:db8:1:2:ffff::1".parse().unwrap(), 64);
+        assert_eq!(a, b);
+        assert_eq!(
+            throttle_key("203.0.113.9".parse().unwrap(), 64).prefix_len(),
+            32
+        );
+    }
+
+    #[test]
+    fn cache_expires() {
+        let c = LinkCache::default();
+        c.insert("u".into(), Duration::from_secs(60), 0);
+        assert!(c.is_valid("u", 59_999));
+        assert!(!c.is_valid("u", 60_000));
+        assert!(!c.is_valid("v", 0));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The forward-auth flow
+// ---------------------------------------------------------------------------------------------
+
+use std::sync::Arc;
+
+use http::{HeaderMap, StatusCode};
+use tracing::info;
+
+use crate::client_ip::Refusal;
+use crate::gate::{Active, Gate};
+
+/// Longest a new grant waits for the proxy to see it (Traefik API polling).
+pub const MAX_PROPAGATION_WAIT: Duration = Duration::from_secs(5);
+
+/// The answer to a forward-auth share check, with a short reason for the body.
+pub type Answer = (StatusCode, &'static str);
+
+/// Check the share link in `X-Forwarded-Uri` for `source` and grant the client when it is valid:
+/// 200 (granted and persisted, and visible to the proxy when new), 403 invalid, 429 throttled,
+/// 503 upstream unreachable (fail closed). An untrusted peer gets 403 and nothing is sent.
+pub async fn forward_auth(
+    gate: &Gate,
+    active: &Arc<Active>,
+    source: &str,
+    peer: IpAddr,
+    headers: &HeaderMap,
+) -> Answer {
+    let (Some(state), Some(crate::policy::SourceKind::Share(share))) = (
+        active.shares.get(source),
+        active.policy.sources.get(source).map(|s| &s.kind),
+    ) else {
+        return (StatusCode::NOT_FOUND, "no such share source\n");
+    };
+    let limits = &share.check;
+    let client = match active
+        .client_ip
+        .resolve(peer, headers.get_all("x-forwarded-for"))
+    {
+        Ok(ip) => ip,
+        // A client inside the trusted ranges (a LAN viewer) may still view the link; it is
+        // never granted (see below).
+        Err(Refusal::ClientIsTrustedProxy(ip)) => ip,
+        Err(why) => {
+            debug!(%peer, source, %why, "share check refused");
+            return (StatusCode::FORBIDDEN, "forbidden\n");
+        }
+    };
+    let key = throttle_key(client, active.policy.ipv6_prefix);
+    if state.throttle.admit(key, limits, gate.now()) == Admission::Throttled {
+        debug!(%client, source, "share check throttled");
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed share checks\n",
+        );
+    }
+    let uri = headers
+        .get("x-forwarded-uri")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let url = match check_url(share, uri) {
+        Ok(url) => url,
+        Err(why) => {
+            finish(gate, state, key, true, limits, source);
+            debug!(%client, source, %why, "share link refused before any check");
+            return (StatusCode::FORBIDDEN, "not a share link\n");
+        }
+    };
+    let verdict = if state.cache.is_valid(url.as_str(), gate.now()) {
+        Verdict::Valid
+    } else {
+        let permit = tokio::time::timeout(limits.timeout, state.in_flight.acquire()).await;
+        match permit {
+            Ok(Ok(_permit)) => {
+                let cache_key = url.to_string();
+                let v = ask(gate.http_client(), url, limits).await;
+                if v == Verdict::Valid {
+                    state.cache.insert(cache_key, limits.cache, gate.now());
+                }
+                v
+            }
+            _ => Verdict::Unreachable("too many checks in flight".into()),
+        }
+    };
+    match verdict {
+        Verdict::Valid => finish(gate, state, key, false, limits, source),
+        Verdict::Invalid(status) => {
+            finish(gate, state, key, true, limits, source);
+            debug!(%client, source, status, "share link invalid");
+            return (StatusCode::FORBIDDEN, "invalid share link\n");
+        }
+        Verdict::Unreachable(why) => {
+            // Not the client's fault: it does not count towards a ban.
+            state.throttle.finish(key, false, limits, gate.now());
+            warn!(source, upstream = %share.upstream, %why, "share upstream unreachable; failing closed");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "share upstream unreachable\n",
+            );
+        }
+    }
+
+    let Ok(network) = active.client_ip.grantable(client) else {
+        // Valid link from an address that is never granted (LAN, the proxy): let it view.
+        return (StatusCode::OK, "valid\n");
+    };
+    let unlocks = &active.policy.sources[source].unlocks;
+    let snapshot = gate.snapshot();
+    let newly: Vec<String> = unlocks
+        .iter()
+        .filter(|s| !snapshot.service(s).is_some_and(|l| l.allows(client)))
+        .cloned()
+        .collect();
+    drop(snapshot);
+    let Some((_, generation)) = gate.record(source, network, None) else {
+        return (StatusCode::NOT_FOUND, "no such share source\n");
+    };
+    // Acknowledge only what survives a crash.
+    gate.persisted(generation).await;
+    if !newly.is_empty() {
+        propagate(gate, active, network, &newly, generation).await;
+    }
+    (StatusCode::OK, "granted\n")
+}
+
+fn finish(
+    gate: &Gate,
+    state: &ShareState,
+    key: IpNet,
+    failed: bool,
+    limits: &ShareCheck,
+    source: &str,
+) {
+    if state.throttle.finish(key, failed, limits, gate.now()) {
+        info!(client = %key, source, ban = ?limits.ban, "throttled: too many failed share checks");
+    }
+}
+
+/// Let the proxy see a new grant before answering, so the viewer's next request passes: wait for
+/// the Traefik file, then poll Traefik's API until the address is in every new middleware, or
+/// wait `propagation_delay` without an API. Without a Traefik file there is nothing to wait for.
+async fn propagate(
+    gate: &Gate,
+    active: &Active,
+    network: IpNet,
+    services: &[String],
+    generation: u64,
+) {
+    let traefik = &active.policy.traefik;
+    if traefik.file.is_none() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + MAX_PROPAGATION_WAIT;
+    if tokio::time::timeout_at(deadline, gate.written(generation))
+        .await
+        .is_err()
+    {
+        warn!(%network, "the Traefik file was not written in time; answering anyway");
+        return;
+    }
+    let Some(api) = &traefik.api else {
+        tokio::time::sleep(traefik.propagation_delay).await;
+        return;
+    };
+    let origin = origin_of(api);
+    let wanted = network.to_string();
+    let mut pending: Vec<String> = services
+        .iter()
+        .map(|s| traefik.middleware_name(s))
+        .collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for name in pending {
+            let url = format!("{origin}/api/http/middlewares/{name}@file");
+            if !middleware_lists(gate.http_client(), &url, &wanted).await {
+                still.push(name);
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() + Duration::from_millis(100) > deadline {
+            warn!(%network, middlewares = ?pending, "Traefik's API does not show the grant yet; answering anyway");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Does the middleware at `url` (Traefik API) list `network` in its source range?
+async fn middleware_lists(client: &reqwest::Client, url: &str, network: &str) -> bool {
+    let Ok(resp) = client.get(url).timeout(Duration::from_secs(1)).send().await else {
+        return false;
+    };
+    let Ok(body) = resp.json::<serde_json::Value>().await else {
+        return false;
+    };
+    ["ipAllowList", "ipWhiteList"].iter().any(|kind| {
+        body[kind]["sourceRange"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|v| v.as_str() == Some(network)))
+    })
+}
