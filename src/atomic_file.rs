@@ -156,7 +156,12 @@ fn lock() -> MutexGuard<'static, ()> {
 pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
     let _guard = lock();
     match fs::read(path) {
-        Ok(current) if current == bytes => return Ok(Written::Unchanged),
+        Ok(current) if current == bytes => {
+            // A temp file left by a kill -9 goes now, not only at the next change.
+            let (dir, name) = split(path)?;
+            sweep_stale_temps(&dir, &temp_prefix(&name))?;
+            return Ok(Written::Unchanged);
+        }
         Ok(_) => {}
         Err(error) if error.kind() == io::ErrorKind::NotFound => {}
         Err(error) => {

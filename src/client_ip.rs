@@ -42,6 +42,10 @@ pub enum Refusal {
     /// The client is itself a trusted proxy: a proxy in front is hiding client addresses.
     #[error("client {0} is a trusted proxy")]
     ClientIsTrustedProxy(IpAddr),
+    /// The client cannot be a host on the internet (link-local, loopback, unspecified,
+    /// multicast, broadcast): granting it would open the service to a whole local segment.
+    #[error("client {0} is not a routable address")]
+    NotRoutable(IpAddr),
     /// The network to grant overlaps this `always_allow` range.
     #[error("client network overlaps always_allow range {0}")]
     AlwaysAllowed(IpNet),
@@ -147,6 +151,9 @@ impl ClientIp {
     /// nothing but an entry that hides the static one.
     pub fn grantable(&self, client: IpAddr) -> Result<IpNet, Refusal> {
         let client = normalise(client);
+        if !routable(client) {
+            return Err(Refusal::NotRoutable(client));
+        }
         let prefix = match client {
             IpAddr::V4(_) => 32,
             IpAddr::V6(_) => self.ipv6_prefix,
@@ -227,6 +234,26 @@ fn count_elements(values: &[&[u8]]) -> usize {
         .iter()
         .map(|v| v.iter().filter(|&&b| b == b',').count() + 1)
         .sum()
+}
+
+/// Could `ip` be the address of a client on the internet or a LAN behind a proxy? Link-local
+/// addresses (a /64 of `fe80::` is every host on a segment) and the special addresses never are.
+fn routable(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_link_local()
+                || v4.is_multicast()
+                || v4.is_broadcast())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local())
+        }
+    }
 }
 
 /// One element: `1.2.3.4`, `1.2.3.4:8080`, `::1`, `fe80::1%eth0`, `[2001:db8::1]` or
@@ -462,6 +489,30 @@ mod tests {
                 "10.0.0.2",
                 &[b"[2001:db8:abcd::1%eth0]:443"],
                 Ok(net("2001:db8:abcd::/64")),
+            ),
+            case(
+                "link-local client (its /64 is a whole segment)",
+                "10.0.0.2",
+                &[b"fe80::1%eth0"],
+                Err(NotRoutable(ip("fe80::1"))),
+            ),
+            case(
+                "link-local ipv4 client",
+                "10.0.0.2",
+                &[b"169.254.7.7"],
+                Err(NotRoutable(ip("169.254.7.7"))),
+            ),
+            case(
+                "multicast client",
+                "10.0.0.2",
+                &[b"ff02::1"],
+                Err(NotRoutable(ip("ff02::1"))),
+            ),
+            case(
+                "unspecified client",
+                "10.0.0.2",
+                &[b"0.0.0.0"],
+                Err(NotRoutable(ip("0.0.0.0"))),
             ),
             case(
                 "empty zone id",

@@ -347,9 +347,9 @@ impl Gate {
         let mut writer = OutputWriter::default();
         tokio::pin!(shutdown);
         loop {
-            let generation = *changes.borrow_and_update();
+            changes.borrow_and_update();
             let failing;
-            (writer, failing) = self.flush_blocking(writer, generation).await;
+            (writer, failing) = self.flush_blocking(writer).await;
             let gap = tokio::time::sleep(MIN_WRITE_GAP);
             let next = if failing {
                 RETRY_AFTER
@@ -369,8 +369,7 @@ impl Gate {
                 _ = &mut shutdown => break,
             }
         }
-        let generation = *changes.borrow();
-        let (_, failing) = self.flush_blocking(writer, generation).await;
+        let (_, failing) = self.flush_blocking(writer).await;
         if failing && let Some(e) = self.output_error() {
             error!(error = %e, "outputs could not be written at shutdown");
         }
@@ -379,14 +378,10 @@ impl Gate {
 
 impl Gate {
     /// Flush on a blocking thread: fsync can take milliseconds, which must not stall requests.
-    async fn flush_blocking(
-        &self,
-        mut writer: OutputWriter,
-        generation: u64,
-    ) -> (OutputWriter, bool) {
+    async fn flush_blocking(&self, mut writer: OutputWriter) -> (OutputWriter, bool) {
         let gate = self.clone();
         match tokio::task::spawn_blocking(move || {
-            let ok = writer.flush(&gate, generation);
+            let ok = writer.flush(&gate);
             (writer, !ok)
         })
         .await
@@ -430,14 +425,24 @@ struct OutputWriter {
 }
 
 impl OutputWriter {
-    /// Write what changed; publish `generation` as persisted once the state file holds it.
+    /// Write what changed; publish the change counter as persisted once the state file holds it.
     /// Returns false when something failed (logged, reported on health, retried by the caller).
-    fn flush(&mut self, gate: &Gate, generation: u64) -> bool {
+    fn flush(&mut self, gate: &Gate) -> bool {
         let active = gate.active();
         let policy = &active.policy;
         let mut errors = Vec::new();
 
-        let state = store::encode(&gate.ledger());
+        // State bytes, snapshot and change counter are taken together under the ledger lock
+        // (snapshots are swapped under it too), so the Traefik file never shows a grant the state
+        // file written just before it lacks.
+        let (state, snapshot, generation) = {
+            let ledger = gate.ledger();
+            (
+                store::encode(&ledger),
+                gate.snapshot(),
+                *gate.inner.changes.borrow(),
+            )
+        };
         if self.state.as_deref() != Some(&state[..]) {
             match store::save(&policy.state_file, &state) {
                 Ok(_) => self.state = Some(state),
@@ -450,7 +455,7 @@ impl OutputWriter {
 
         let mut written = true;
         if let Some(path) = &policy.traefik.file {
-            let yaml = traefik_file::render(&gate.snapshot(), &policy.traefik, &policy.origin);
+            let yaml = traefik_file::render(&snapshot, &policy.traefik, &policy.origin);
             if self.traefik.as_ref() != Some(&yaml) {
                 match traefik_file::write(path, &yaml) {
                     Ok(_) => self.traefik = Some(yaml),

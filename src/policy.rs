@@ -289,15 +289,7 @@ pub enum PolicyError {
         /// The default path looked at.
         path: PathBuf,
     },
-    /// The file could not be parsed into the policy's shape.
-    #[error("policy {origin} cannot be read: {message}")]
-    Parse {
-        /// File path or "legacy environment".
-        origin: String,
-        /// figment's message, which names the key and the provider.
-        message: String,
-    },
-    /// The policy parsed but has problems; all of them are listed.
+    /// The policy has problems (YAML syntax, shape, types or values); all of them are listed.
     #[error("{}", Problems { origin, problems })]
     Invalid {
         /// File path or "legacy environment".
@@ -394,13 +386,29 @@ fn from_figment(
     legacy_env: Option<&BTreeMap<String, String>>,
 ) -> Result<Policy, PolicyError> {
     let legacy = legacy_env.is_some();
-    let raw: RawPolicy = figment.extract().map_err(|e| PolicyError::Parse {
+    // Scalars are typed during validation; what fails here is the shape itself (`admin: 5`).
+    let raw: RawPolicy = figment.extract().map_err(|errors| PolicyError::Invalid {
         origin: origin.clone(),
-        message: e
+        problems: errors
             .into_iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("; "),
+            .map(|e| {
+                let key = e.path.join(".");
+                let from = e
+                    .metadata
+                    .as_ref()
+                    .filter(|m| m.name.contains("environment"))
+                    .map(|_| env_variable(&key));
+                Problem {
+                    key: if key.is_empty() {
+                        "(top level)".into()
+                    } else {
+                        key
+                    },
+                    message: user_words(&e.kind.to_string()),
+                    from,
+                }
+            })
+            .collect(),
     })?;
     let mut problems = Vec::new();
     let policy = raw.validate(&origin, legacy, &mut problems);
@@ -422,11 +430,32 @@ fn env_origin(figment: &Figment, key: &str) -> Option<String> {
     if !metadata.name.contains("environment") {
         return None;
     }
-    // figment lower-cases names and turns `__` into `.`; undo that to name the variable.
-    Some(format!(
+    Some(env_variable(&base))
+}
+
+/// serde names the Rust type it expected; name the shape as a user writes it instead.
+fn user_words(message: &str) -> String {
+    const SHAPES: &[(&str, &str)] = &[
+        ("struct RawPolicy", "a mapping (the policy)"),
+        ("struct RawAdmin", "a mapping (admin settings)"),
+        ("struct RawTraefik", "a mapping (traefik settings)"),
+        ("struct RawIpStrategy", "a mapping (ip_strategy settings)"),
+        ("struct RawService", "a mapping (service settings)"),
+        ("struct RawSource", "a mapping (source settings)"),
+        ("struct RawPattern", "a mapping (path, check)"),
+    ];
+    SHAPES
+        .iter()
+        .fold(message.to_string(), |m, (from, to)| m.replace(from, to))
+}
+
+/// The `GATEKEEPER_*` variable that sets `key`: figment lower-cases names and turns `__` into
+/// `.`; undo that.
+fn env_variable(key: &str) -> String {
+    format!(
         "environment variable GATEKEEPER_{}",
-        base.to_ascii_uppercase().replace('.', "__")
-    ))
+        key.to_ascii_uppercase().replace('.', "__")
+    )
 }
 
 /// The legacy variable behind a key of the policy built from it.
@@ -520,22 +549,23 @@ fn quote(s: &str) -> String {
 // Raw shape (serde) and validation
 // ---------------------------------------------------------------------------------------------
 
-// Unknown keys are collected through `#[serde(flatten)]` instead of `deny_unknown_fields`, so a
-// typo is reported together with every other problem instead of hiding them.
+// Unknown keys are collected through `#[serde(flatten)]` instead of `deny_unknown_fields`, and
+// scalars are read as figment `Value`s and typed during validation, so a typo or a wrong type is
+// reported together with every other problem instead of hiding them.
 type Unknown = BTreeMap<String, Value>;
+type Field = Option<Value>;
 
 #[derive(Debug, Deserialize)]
 struct RawPolicy {
-    listen: Option<String>,
+    listen: Field,
     #[serde(default)]
     admin: RawAdmin,
-    state_file: Option<PathBuf>,
-    trusted_proxies: Option<Vec<String>>,
-    ipv6_prefix: Option<u8>,
+    state_file: Field,
+    trusted_proxies: Field,
+    ipv6_prefix: Field,
     #[serde(default)]
     traefik: RawTraefik,
-    #[serde(default)]
-    always_allow: Vec<String>,
+    always_allow: Field,
     #[serde(default)]
     services: IndexMap<String, Option<RawService>>,
     #[serde(default)]
@@ -546,76 +576,79 @@ struct RawPolicy {
 
 #[derive(Debug, Default, Deserialize)]
 struct RawAdmin {
-    listen: Option<String>,
-    token_file: Option<PathBuf>,
-    token: Option<String>,
+    listen: Field,
+    token_file: Field,
+    token: Field,
     #[serde(flatten)]
     unknown: Unknown,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct RawTraefik {
-    file: Option<PathBuf>,
-    version: Option<u8>,
-    middleware_prefix: Option<String>,
+    file: Field,
+    version: Field,
+    middleware_prefix: Field,
     ip_strategy: Option<RawIpStrategy>,
-    api: Option<String>,
-    propagation_delay: Option<String>,
+    api: Field,
+    propagation_delay: Field,
     #[serde(flatten)]
     unknown: Unknown,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct RawIpStrategy {
-    depth: Option<u32>,
-    #[serde(default)]
-    excluded_ips: Vec<String>,
-    ipv6_subnet: Option<u8>,
+    depth: Field,
+    excluded_ips: Field,
+    ipv6_subnet: Field,
     #[serde(flatten)]
     unknown: Unknown,
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct RawService {
-    #[serde(default)]
-    always_allow: Vec<String>,
+    always_allow: Field,
     #[serde(flatten)]
     unknown: Unknown,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawUnlocks {
-    One(String),
-    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
 struct RawSource {
-    kind: Option<String>,
-    unlocks: Option<RawUnlocks>,
-    max_ips: Option<Value>,
-    idle_ttl: Option<String>,
-    max_age: Option<String>,
+    kind: Field,
+    unlocks: Field,
+    max_ips: Field,
+    idle_ttl: Field,
+    max_age: Field,
     // mirror
-    hosts: Option<Vec<String>>,
-    catch_all: Option<bool>,
+    hosts: Field,
+    catch_all: Field,
     // share
-    upstream: Option<String>,
-    path: Option<String>,
+    upstream: Field,
+    path: Field,
     patterns: Option<Vec<RawPattern>>,
-    method: Option<String>,
-    timeout: Option<String>,
-    valid_status: Option<Vec<u16>>,
-    max_failures: Option<u32>,
-    failure_window: Option<String>,
-    ban: Option<String>,
-    max_concurrent_checks: Option<usize>,
-    cache: Option<String>,
+    method: Field,
+    timeout: Field,
+    valid_status: Field,
+    max_failures: Field,
+    failure_window: Field,
+    ban: Field,
+    max_concurrent_checks: Field,
+    cache: Field,
     #[serde(flatten)]
     unknown: Unknown,
 }
 
+#[derive(Debug, Deserialize)]
+struct RawPattern {
+    path: Field,
+    check: Field,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+/// Keys every source has.
+const COMMON_SOURCE_KEYS: &[&str] = &["kind", "unlocks", "max_ips", "idle_ttl", "max_age"];
+/// Keys only mirror sources have.
+const MIRROR_KEYS: &[&str] = &["hosts", "catch_all"];
 /// Keys only share sources have.
 const SHARE_KEYS: &[&str] = &[
     "upstream",
@@ -631,20 +664,12 @@ const SHARE_KEYS: &[&str] = &[
     "cache",
 ];
 
-#[derive(Debug, Deserialize)]
-struct RawPattern {
-    path: Option<String>,
-    check: Option<String>,
-    #[serde(flatten)]
-    unknown: Unknown,
-}
-
 /// Default `max_ips` of a source that sets none.
 pub const DEFAULT_MAX_IPS: usize = 10;
 /// Default `idle_ttl` of a source that sets none.
 pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Collects problems with their key paths.
+/// Collects problems with their key paths, and types raw values.
 struct Checker<'a> {
     problems: &'a mut Vec<Problem>,
 }
@@ -675,7 +700,76 @@ impl Checker<'_> {
         }
     }
 
-    fn cidrs(&mut self, key: &str, values: &[String]) -> Vec<IpNet> {
+    fn wrong_type(&mut self, key: &str, expected: &str, v: &Value) {
+        self.problem(key, format!("expected {expected}, found {}", v.to_actual()));
+    }
+
+    /// A text value; numbers are refused (a listen address or a duration needs its unit).
+    fn text(&mut self, key: &str, v: &Field) -> Option<String> {
+        match v.as_ref()? {
+            Value::String(_, s) => Some(s.clone()),
+            Value::Char(_, c) => Some(c.to_string()),
+            other => {
+                self.wrong_type(key, "text", other);
+                None
+            }
+        }
+    }
+
+    /// A whole number within `min..=max`; text holding one is accepted (environment variables).
+    fn number(&mut self, key: &str, v: &Field, min: u64, max: u64) -> Option<u64> {
+        let v = v.as_ref()?;
+        let n = match v {
+            Value::Num(_, n) => n.to_u128().and_then(|n| u64::try_from(n).ok()),
+            Value::String(_, s) => s.trim().parse::<u64>().ok(),
+            _ => None,
+        };
+        match n {
+            Some(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                self.problem(
+                    key,
+                    format!(
+                        "`{}` is not a whole number between {min} and {max}",
+                        value_text(v)
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn flag(&mut self, key: &str, v: &Field) -> Option<bool> {
+        match v.as_ref()? {
+            Value::Bool(_, b) => Some(*b),
+            Value::String(_, s) if s == "true" || s == "false" => Some(s == "true"),
+            other => {
+                self.wrong_type(key, "true or false", other);
+                None
+            }
+        }
+    }
+
+    /// A list of texts; a single text counts as a list of one (`GATEKEEPER_ALWAYS_ALLOW=...`).
+    fn texts(&mut self, key: &str, v: &Field) -> Option<Vec<String>> {
+        match v.as_ref()? {
+            Value::Array(_, items) => Some(
+                items
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, item)| self.text(&format!("{key}[{i}]"), &Some(item.clone())))
+                    .collect(),
+            ),
+            Value::String(_, s) => Some(vec![s.clone()]),
+            other => {
+                self.wrong_type(key, "a list", other);
+                None
+            }
+        }
+    }
+
+    fn cidrs(&mut self, key: &str, v: &Field) -> Option<Vec<IpNet>> {
+        let values = self.texts(key, v)?;
         let mut nets = Vec::new();
         for (i, v) in values.iter().enumerate() {
             match parse_cidr(v) {
@@ -683,11 +777,14 @@ impl Checker<'_> {
                 Err(e) => self.problem(format!("{key}[{i}]"), e),
             }
         }
-        nets
+        Some(nets)
     }
 
-    fn socket(&mut self, key: &str, value: Option<&str>, default: &str) -> Option<SocketAddr> {
-        let value = value.unwrap_or(default);
+    fn socket(&mut self, key: &str, v: &Field, default: &str) -> Option<SocketAddr> {
+        let value = match v {
+            None => default.to_string(),
+            Some(_) => self.text(key, v)?,
+        };
         match value.parse() {
             Ok(addr) => Some(addr),
             Err(_) => {
@@ -700,15 +797,30 @@ impl Checker<'_> {
         }
     }
 
-    fn duration(&mut self, key: &str, value: Option<&str>) -> Option<Duration> {
-        let value = value?;
-        match parse_duration(value) {
+    fn duration(&mut self, key: &str, v: &Field) -> Option<Duration> {
+        if let Some(Value::Num(_, n)) = v {
+            self.problem(
+                key,
+                format!(
+                    "`{}` has no unit (write e.g. {}s, 12h, 7d)",
+                    value_text(&Value::from(*n)),
+                    value_text(&Value::from(*n))
+                ),
+            );
+            return None;
+        }
+        let value = self.text(key, v)?;
+        match parse_duration(&value) {
             Ok(d) => Some(d),
             Err(e) => {
                 self.problem(key, e);
                 None
             }
         }
+    }
+
+    fn path(&mut self, key: &str, v: &Field) -> Option<PathBuf> {
+        self.text(key, v).map(PathBuf::from)
     }
 }
 
@@ -779,9 +891,10 @@ impl RawPolicy {
             &self.admin.unknown,
             &["listen", "token_file", "token"],
         );
+        let t = &self.traefik;
         c.unknown(
             "traefik",
-            &self.traefik.unknown,
+            &t.unknown,
             &[
                 "file",
                 "version",
@@ -791,33 +904,9 @@ impl RawPolicy {
                 "propagation_delay",
             ],
         );
-        let api = self
-            .traefik
-            .api
-            .as_deref()
-            .and_then(|u| match parse_upstream(u) {
-                Ok(uri) => Some(uri),
-                Err(e) => {
-                    c.problem("traefik.api", e);
-                    None
-                }
-            });
-        let propagation_delay = match self.traefik.propagation_delay.as_deref() {
-            None => DEFAULT_PROPAGATION_DELAY,
-            // Zero is allowed here: with nginx or Caddy deciding through /allow there is nothing
-            // to wait for.
-            Some(v) if v.trim() == "0s" || v.trim() == "0" => Duration::ZERO,
-            Some(v) => c
-                .duration("traefik.propagation_delay", Some(v))
-                .unwrap_or(DEFAULT_PROPAGATION_DELAY),
-        };
 
-        let listen = c.socket("listen", self.listen.as_deref(), "0.0.0.0:5000");
-        let admin_listen = c.socket(
-            "admin.listen",
-            self.admin.listen.as_deref(),
-            "127.0.0.1:5001",
-        );
+        let listen = c.socket("listen", &self.listen, "0.0.0.0:5000");
+        let admin_listen = c.socket("admin.listen", &self.admin.listen, "127.0.0.1:5001");
         if let (Some(a), Some(b)) = (listen, admin_listen)
             && a.port() == b.port()
             && a.port() != 0
@@ -825,37 +914,38 @@ impl RawPolicy {
         {
             c.problem("admin.listen", format!("`{b}` collides with listen `{a}`"));
         }
-        let trusted_raw = self.trusted_proxies.unwrap_or_else(|| {
-            DEFAULT_TRUSTED_PROXIES
+        let trusted_proxies = match self.trusted_proxies {
+            None => DEFAULT_TRUSTED_PROXIES
                 .iter()
-                .map(|s| s.to_string())
-                .collect()
-        });
-        let trusted_proxies = c.cidrs("trusted_proxies", &trusted_raw);
-        let ipv6_prefix = self.ipv6_prefix.unwrap_or(64);
-        if ipv6_prefix == 0 || ipv6_prefix > 128 {
-            c.problem(
-                "ipv6_prefix",
-                format!("`{ipv6_prefix}` is not a prefix length between 1 and 128"),
-            );
-        }
-        let always_allow = c.cidrs("always_allow", &self.always_allow);
-
-        let version = match self.traefik.version.unwrap_or(3) {
-            2 => TraefikVersion::V2,
-            3 => TraefikVersion::V3,
-            v => {
-                c.problem(
-                    "traefik.version",
-                    format!("`{v}` is not a supported Traefik version (2 or 3)"),
-                );
-                TraefikVersion::V3
-            }
+                .filter_map(|s| parse_cidr(s).ok())
+                .collect(),
+            v => c.cidrs("trusted_proxies", &v).unwrap_or_default(),
         };
-        let middleware_prefix = self
-            .traefik
-            .middleware_prefix
-            .unwrap_or_else(|| "gatekeeper-".into());
+        let ipv6_prefix = c
+            .number("ipv6_prefix", &self.ipv6_prefix, 1, 128)
+            .unwrap_or(64) as u8;
+        let always_allow = c
+            .cidrs("always_allow", &self.always_allow)
+            .unwrap_or_default();
+
+        let version = match &t.version {
+            None => TraefikVersion::V3,
+            Some(v) => match value_text(v).trim() {
+                "2" => TraefikVersion::V2,
+                "3" => TraefikVersion::V3,
+                other => {
+                    c.problem(
+                        "traefik.version",
+                        format!("`{other}` is not a supported Traefik version (2 or 3)"),
+                    );
+                    TraefikVersion::V3
+                }
+            },
+        };
+        let middleware_prefix = match &t.middleware_prefix {
+            None => "gatekeeper-".to_string(),
+            v => c.text("traefik.middleware_prefix", v).unwrap_or_default(),
+        };
         if !middleware_prefix.is_empty() && !valid_name(&middleware_prefix) {
             c.problem(
                 "traefik.middleware_prefix",
@@ -864,33 +954,53 @@ impl RawPolicy {
                 ),
             );
         }
-        let ip_strategy = self.traefik.ip_strategy.map(|s| {
+        let ip_strategy = t.ip_strategy.as_ref().map(|s| {
             c.unknown(
                 "traefik.ip_strategy",
                 &s.unknown,
                 &["depth", "excluded_ips", "ipv6_subnet"],
             );
-            let excluded_ips = c.cidrs("traefik.ip_strategy.excluded_ips", &s.excluded_ips);
-            if let Some(n) = s.ipv6_subnet {
-                if n == 0 || n > 128 {
-                    c.problem(
-                        "traefik.ip_strategy.ipv6_subnet",
-                        format!("`{n}` is not a prefix length between 1 and 128"),
-                    );
-                }
-                if version == TraefikVersion::V2 {
-                    c.problem(
-                        "traefik.ip_strategy.ipv6_subnet",
-                        "Traefik 2 has no ipv6Subnet; remove it or set traefik.version: 3",
-                    );
-                }
+            let depth = c
+                .number("traefik.ip_strategy.depth", &s.depth, 0, 1024)
+                .map(|n| n as u32);
+            let excluded_ips = c
+                .cidrs("traefik.ip_strategy.excluded_ips", &s.excluded_ips)
+                .unwrap_or_default();
+            let ipv6_subnet = c
+                .number("traefik.ip_strategy.ipv6_subnet", &s.ipv6_subnet, 1, 128)
+                .map(|n| n as u8);
+            if ipv6_subnet.is_some() && version == TraefikVersion::V2 {
+                c.problem(
+                    "traefik.ip_strategy.ipv6_subnet",
+                    "Traefik 2 has no ipv6Subnet; remove it or set traefik.version: 3",
+                );
             }
             IpStrategy {
-                depth: s.depth,
+                depth,
                 excluded_ips,
-                ipv6_subnet: s.ipv6_subnet,
+                ipv6_subnet,
             }
         });
+        let api = c
+            .text("traefik.api", &t.api)
+            .and_then(|u| match parse_upstream(&u) {
+                Ok(uri) => Some(uri),
+                Err(e) => {
+                    c.problem("traefik.api", e);
+                    None
+                }
+            });
+        let propagation_delay = match &t.propagation_delay {
+            None => DEFAULT_PROPAGATION_DELAY,
+            // Zero is allowed here: with nginx or Caddy deciding through /allow there is nothing
+            // to wait for.
+            Some(Value::Num(_, n)) if n.to_u128() == Some(0) => Duration::ZERO,
+            Some(Value::String(_, v)) if v.trim() == "0s" || v.trim() == "0" => Duration::ZERO,
+            v => c
+                .duration("traefik.propagation_delay", v)
+                .unwrap_or(DEFAULT_PROPAGATION_DELAY),
+        };
+        let file = c.path("traefik.file", &t.file);
 
         let mut services = IndexMap::new();
         if self.services.is_empty() {
@@ -909,7 +1019,9 @@ impl RawPolicy {
             }
             let raw = raw.unwrap_or_default();
             c.unknown(&key, &raw.unknown, &["always_allow"]);
-            let always_allow = c.cidrs(&format!("{key}.always_allow"), &raw.always_allow);
+            let always_allow = c
+                .cidrs(&format!("{key}.always_allow"), &raw.always_allow)
+                .unwrap_or_default();
             services.insert(name, Service { always_allow });
         }
 
@@ -936,21 +1048,27 @@ impl RawPolicy {
             );
         }
 
+        let state_file = c
+            .path("state_file", &self.state_file)
+            .unwrap_or_else(|| PathBuf::from("./data/state.json"));
+        let token_file = c.path("admin.token_file", &self.admin.token_file);
+        let token = c
+            .text("admin.token", &self.admin.token)
+            .filter(|t| !t.trim().is_empty());
+
         Some(Policy {
             origin: origin.to_string(),
             listen: listen?,
             admin: Admin {
                 listen: admin_listen?,
-                token_file: self.admin.token_file,
-                token: self.admin.token.filter(|t| !t.trim().is_empty()),
+                token_file,
+                token,
             },
-            state_file: self
-                .state_file
-                .unwrap_or_else(|| PathBuf::from("./data/state.json")),
+            state_file,
             trusted_proxies,
             ipv6_prefix,
             traefik: Traefik {
-                file: self.traefik.file,
+                file,
                 version,
                 middleware_prefix,
                 ip_strategy,
@@ -965,30 +1083,9 @@ impl RawPolicy {
     }
 }
 
-const SOURCE_KEYS: &[&str] = &[
-    "kind",
-    "unlocks",
-    "max_ips",
-    "idle_ttl",
-    "max_age",
-    "hosts",
-    "catch_all",
-    "upstream",
-    "path",
-    "patterns",
-    "method",
-    "timeout",
-    "valid_status",
-    "max_failures",
-    "failure_window",
-    "ban",
-    "max_concurrent_checks",
-    "cache",
-];
-
 impl RawSource {
     fn validate(
-        mut self,
+        self,
         key: &str,
         name: &str,
         services: &IndexMap<String, Service>,
@@ -996,9 +1093,15 @@ impl RawSource {
         host_owner: &mut BTreeMap<String, String>,
         c: &mut Checker<'_>,
     ) -> Option<Source> {
-        c.unknown(key, &self.unknown, SOURCE_KEYS);
+        let known: Vec<&str> = COMMON_SOURCE_KEYS
+            .iter()
+            .chain(MIRROR_KEYS)
+            .chain(SHARE_KEYS)
+            .copied()
+            .collect();
+        c.unknown(key, &self.unknown, &known);
 
-        let unlocks = match self.unlocks.take() {
+        let unlocks = match &self.unlocks {
             None => {
                 c.problem(
                     format!("{key}.unlocks"),
@@ -1006,9 +1109,8 @@ impl RawSource {
                 );
                 Vec::new()
             }
-            Some(RawUnlocks::One(s)) if s == "*" => services.keys().cloned().collect(),
-            Some(RawUnlocks::One(s)) => vec![s],
-            Some(RawUnlocks::Many(v)) => v,
+            Some(Value::String(_, s)) if s == "*" => services.keys().cloned().collect(),
+            v => c.texts(&format!("{key}.unlocks"), v).unwrap_or_default(),
         };
         for (i, svc) in unlocks.iter().enumerate() {
             if svc == "*" {
@@ -1028,139 +1130,41 @@ impl RawSource {
         }
 
         let max_ips = match &self.max_ips {
-            None => DEFAULT_MAX_IPS,
-            Some(v) => match v.to_num().and_then(|n| n.to_u128()) {
-                Some(0) => {
-                    c.problem(
-                        format!("{key}.max_ips"),
-                        "`0` would grant nobody; it must be at least 1",
-                    );
-                    DEFAULT_MAX_IPS
-                }
-                Some(n) if n <= 1_000_000 => n as usize,
-                _ => {
-                    c.problem(
-                        format!("{key}.max_ips"),
-                        format!(
-                            "`{}` is not a whole number between 1 and 1000000",
-                            value_text(v)
-                        ),
-                    );
-                    DEFAULT_MAX_IPS
-                }
-            },
+            Some(Value::Num(_, n)) if n.to_u128() == Some(0) => {
+                c.problem(
+                    format!("{key}.max_ips"),
+                    "`0` would grant nobody; it must be at least 1",
+                );
+                DEFAULT_MAX_IPS
+            }
+            v => c
+                .number(&format!("{key}.max_ips"), v, 1, 1_000_000)
+                .map_or(DEFAULT_MAX_IPS, |n| n as usize),
         };
         // `never` exists for legacy mode, whose old app never expired anything; a policy file must
         // bound every grant in time.
-        let idle_ttl = match self.idle_ttl.as_deref() {
+        let idle_ttl = match &self.idle_ttl {
             None => Some(DEFAULT_IDLE_TTL),
-            Some("never") if legacy => None,
-            Some(v) => c.duration(&format!("{key}.idle_ttl"), Some(v)),
+            Some(Value::String(_, s)) if s == "never" && legacy => None,
+            v => c.duration(&format!("{key}.idle_ttl"), v),
         };
-        let max_age = c.duration(&format!("{key}.max_age"), self.max_age.as_deref());
+        let max_age = c.duration(&format!("{key}.max_age"), &self.max_age);
 
-        let kind = match self.kind.as_deref() {
+        let kind = match c.text(&format!("{key}.kind"), &self.kind).as_deref() {
             Some("mirror") => {
-                for field in self.share_keys_set() {
+                for field in self.keys_set(SHARE_KEYS) {
                     c.problem(format!("{key}.{field}"), "only share sources have this key");
                 }
-                let catch_all = self.catch_all.unwrap_or(false);
-                let mut hosts = Vec::new();
-                let mut claimed_elsewhere = false;
-                for (i, h) in self.hosts.unwrap_or_default().into_iter().enumerate() {
-                    let host = h.trim().to_ascii_lowercase();
-                    if !valid_host(&host) {
-                        c.problem(
-                            format!("{key}.hosts[{i}]"),
-                            format!("`{h}` is not a host name (no scheme, port or path)"),
-                        );
-                        continue;
-                    }
-                    if let Some(other) = host_owner.get(&host) {
-                        if other != name {
-                            claimed_elsewhere = true;
-                            c.problem(
-                                format!("{key}.hosts[{i}]"),
-                                format!("host `{host}` is already claimed by source `{other}`"),
-                            );
-                        }
-                        continue;
-                    }
-                    host_owner.insert(host.clone(), name.to_string());
-                    hosts.push(host);
-                }
-                if hosts.is_empty() && !catch_all && !claimed_elsewhere {
-                    c.problem(
-                        format!("{key}.hosts"),
-                        "a mirror source needs at least one host (the Host of the mirrored requests)",
-                    );
-                }
-                SourceKind::Mirror(Mirror { hosts, catch_all })
+                self.mirror(key, name, host_owner, c)
             }
             Some("share") => {
-                for (field, set) in [
-                    ("hosts", self.hosts.is_some()),
-                    ("catch_all", self.catch_all.is_some()),
-                ] {
-                    if set {
-                        c.problem(
-                            format!("{key}.{field}"),
-                            "only mirror sources have this key",
-                        );
-                    }
-                }
-                let upstream = match self.upstream.as_deref() {
-                    None => {
-                        c.problem(
-                            format!("{key}.upstream"),
-                            "missing: a share source needs the origin of the sharing app, e.g. http://immich_server:2283",
-                        );
-                        None
-                    }
-                    Some(u) => match parse_upstream(u) {
-                        Ok(uri) => Some(uri),
-                        Err(e) => {
-                            c.problem(format!("{key}.upstream"), e);
-                            None
-                        }
-                    },
-                };
-                let check = self.share_check(key, c);
-                let mut raw_patterns: Vec<(String, Option<String>, String)> = Vec::new();
-                if let Some(p) = self.path {
-                    raw_patterns.push((p, None, format!("{key}.path")));
-                }
-                for (i, p) in self.patterns.unwrap_or_default().into_iter().enumerate() {
-                    let pkey = format!("{key}.patterns[{i}]");
-                    c.unknown(&pkey, &p.unknown, &["path", "check"]);
-                    match p.path {
-                        Some(path) => raw_patterns.push((path, p.check, format!("{pkey}.path"))),
-                        None => c.problem(
-                            format!("{pkey}.path"),
-                            "missing: a pattern needs a path regex",
-                        ),
-                    }
-                }
-                if raw_patterns.is_empty() {
+                for field in self.keys_set(MIRROR_KEYS) {
                     c.problem(
-                        format!("{key}.path"),
-                        "missing: a share source needs `path` (a regex of its link paths) or `patterns`",
+                        format!("{key}.{field}"),
+                        "only mirror sources have this key",
                     );
                 }
-                let mut patterns = Vec::new();
-                for (path, check, pkey) in raw_patterns {
-                    match compile_pattern(&path, check.as_deref()) {
-                        Ok(p) => patterns.push(p),
-                        Err(e) => c.problem(pkey, e),
-                    }
-                }
-                upstream.map(|upstream| {
-                    SourceKind::Share(Share {
-                        upstream,
-                        patterns,
-                        check,
-                    })
-                })?
+                self.share(key, c)?
             }
             Some(other) => {
                 c.problem(
@@ -1170,7 +1174,9 @@ impl RawSource {
                 return None;
             }
             None => {
-                c.problem(format!("{key}.kind"), "missing: mirror or share");
+                if self.kind.is_none() {
+                    c.problem(format!("{key}.kind"), "missing: mirror or share");
+                }
                 return None;
             }
         };
@@ -1184,38 +1190,135 @@ impl RawSource {
             },
         })
     }
-}
 
-impl RawSource {
-    fn share_keys_set(&self) -> Vec<&'static str> {
-        let set = [
-            self.upstream.is_some(),
-            self.path.is_some(),
-            self.patterns.is_some(),
-            self.method.is_some(),
-            self.timeout.is_some(),
-            self.valid_status.is_some(),
-            self.max_failures.is_some(),
-            self.failure_window.is_some(),
-            self.ban.is_some(),
-            self.max_concurrent_checks.is_some(),
-            self.cache.is_some(),
-        ];
-        SHARE_KEYS
-            .iter()
-            .zip(set)
-            .filter_map(|(k, set)| set.then_some(*k))
-            .collect()
+    /// Which of `keys` this source sets.
+    fn keys_set(&self, keys: &[&'static str]) -> Vec<&'static str> {
+        let set = |k: &str| match k {
+            "hosts" => self.hosts.is_some(),
+            "catch_all" => self.catch_all.is_some(),
+            "upstream" => self.upstream.is_some(),
+            "path" => self.path.is_some(),
+            "patterns" => self.patterns.is_some(),
+            "method" => self.method.is_some(),
+            "timeout" => self.timeout.is_some(),
+            "valid_status" => self.valid_status.is_some(),
+            "max_failures" => self.max_failures.is_some(),
+            "failure_window" => self.failure_window.is_some(),
+            "ban" => self.ban.is_some(),
+            "max_concurrent_checks" => self.max_concurrent_checks.is_some(),
+            "cache" => self.cache.is_some(),
+            _ => false,
+        };
+        keys.iter().copied().filter(|k| set(k)).collect()
+    }
+
+    fn mirror(
+        &self,
+        key: &str,
+        name: &str,
+        host_owner: &mut BTreeMap<String, String>,
+        c: &mut Checker<'_>,
+    ) -> SourceKind {
+        let catch_all = c
+            .flag(&format!("{key}.catch_all"), &self.catch_all)
+            .unwrap_or(false);
+        let mut hosts = Vec::new();
+        let mut claimed_elsewhere = false;
+        let raw_hosts = c
+            .texts(&format!("{key}.hosts"), &self.hosts)
+            .unwrap_or_default();
+        for (i, h) in raw_hosts.into_iter().enumerate() {
+            let host = h.trim().to_ascii_lowercase();
+            if !valid_host(&host) {
+                c.problem(
+                    format!("{key}.hosts[{i}]"),
+                    format!("`{h}` is not a host name (no scheme, port or path)"),
+                );
+                continue;
+            }
+            if let Some(other) = host_owner.get(&host) {
+                if other != name {
+                    claimed_elsewhere = true;
+                    c.problem(
+                        format!("{key}.hosts[{i}]"),
+                        format!("host `{host}` is already claimed by source `{other}`"),
+                    );
+                }
+                continue;
+            }
+            host_owner.insert(host.clone(), name.to_string());
+            hosts.push(host);
+        }
+        if hosts.is_empty() && !catch_all && !claimed_elsewhere {
+            c.problem(
+                format!("{key}.hosts"),
+                "a mirror source needs at least one host (the Host of the mirrored requests)",
+            );
+        }
+        SourceKind::Mirror(Mirror { hosts, catch_all })
+    }
+
+    fn share(&self, key: &str, c: &mut Checker<'_>) -> Option<SourceKind> {
+        let upstream = match c.text(&format!("{key}.upstream"), &self.upstream) {
+            None => {
+                if self.upstream.is_none() {
+                    c.problem(
+                        format!("{key}.upstream"),
+                        "missing: a share source needs the origin of the sharing app, e.g. http://immich_server:2283",
+                    );
+                }
+                None
+            }
+            Some(u) => match parse_upstream(&u) {
+                Ok(uri) => Some(uri),
+                Err(e) => {
+                    c.problem(format!("{key}.upstream"), e);
+                    None
+                }
+            },
+        };
+        let check = self.share_check(key, c);
+        let mut raw_patterns: Vec<(String, Option<String>, String)> = Vec::new();
+        if let Some(p) = c.text(&format!("{key}.path"), &self.path) {
+            raw_patterns.push((p, None, format!("{key}.path")));
+        }
+        for (i, p) in self.patterns.iter().flatten().enumerate() {
+            let pkey = format!("{key}.patterns[{i}]");
+            c.unknown(&pkey, &p.unknown, &["path", "check"]);
+            let check = c.text(&format!("{pkey}.check"), &p.check);
+            match c.text(&format!("{pkey}.path"), &p.path) {
+                Some(path) => raw_patterns.push((path, check, format!("{pkey}.path"))),
+                None if p.path.is_none() => c.problem(
+                    format!("{pkey}.path"),
+                    "missing: a pattern needs a path regex",
+                ),
+                None => {}
+            }
+        }
+        if raw_patterns.is_empty() && self.path.is_none() && self.patterns.is_none() {
+            c.problem(
+                format!("{key}.path"),
+                "missing: a share source needs `path` (a regex of its link paths) or `patterns`",
+            );
+        }
+        let mut patterns = Vec::new();
+        for (path, check, pkey) in raw_patterns {
+            match compile_pattern(&path, check.as_deref()) {
+                Ok(p) => patterns.push(p),
+                Err(e) => c.problem(pkey, e),
+            }
+        }
+        Some(SourceKind::Share(Share {
+            upstream: upstream?,
+            patterns,
+            check,
+        }))
     }
 
     fn share_check(&self, key: &str, c: &mut Checker<'_>) -> ShareCheck {
         let d = ShareCheck::default();
-        let head = match self
-            .method
-            .as_deref()
-            .map(str::to_ascii_uppercase)
-            .as_deref()
-        {
+        let method = c.text(&format!("{key}.method"), &self.method);
+        let head = match method.as_deref().map(str::to_ascii_uppercase).as_deref() {
             None | Some("GET") => false,
             Some("HEAD") => true,
             Some(_) => {
@@ -1223,13 +1326,32 @@ impl RawSource {
                     format!("{key}.method"),
                     format!(
                         "`{}` is not a check method (GET or HEAD)",
-                        self.method.as_deref().unwrap_or_default()
+                        method.unwrap_or_default()
                     ),
                 );
                 false
             }
         };
-        let valid_status = self.valid_status.clone().unwrap_or(d.valid_status);
+        let valid_status: Vec<u16> = match &self.valid_status {
+            None => d.valid_status,
+            Some(Value::Array(_, items)) => items
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| {
+                    c.number(
+                        &format!("{key}.valid_status[{i}]"),
+                        &Some(v.clone()),
+                        100,
+                        599,
+                    )
+                    .map(|n| n as u16)
+                })
+                .collect(),
+            v => c
+                .number(&format!("{key}.valid_status"), v, 100, 599)
+                .map(|n| vec![n as u16])
+                .unwrap_or_default(),
+        };
         if valid_status.is_empty() {
             c.problem(
                 format!("{key}.valid_status"),
@@ -1246,25 +1368,24 @@ impl RawSource {
                 );
             }
         }
-        let max_failures = self.max_failures.unwrap_or(d.max_failures);
-        if max_failures == 0 {
-            c.problem(
-                format!("{key}.max_failures"),
-                "`0` would ban every client at once; it must be at least 1",
-            );
-        }
-        let max_concurrent_checks = self
-            .max_concurrent_checks
-            .unwrap_or(d.max_concurrent_checks);
-        if max_concurrent_checks == 0 {
-            c.problem(
-                format!("{key}.max_concurrent_checks"),
-                "`0` would never check a link; it must be at least 1",
-            );
-        }
-        let mut dur = |name: &str, v: &Option<String>, default: Duration| {
-            c.duration(&format!("{key}.{name}"), v.as_deref())
-                .unwrap_or(default)
+        let max_failures = c
+            .number(
+                &format!("{key}.max_failures"),
+                &self.max_failures,
+                1,
+                1_000_000,
+            )
+            .map_or(d.max_failures, |n| n as u32);
+        let max_concurrent_checks = c
+            .number(
+                &format!("{key}.max_concurrent_checks"),
+                &self.max_concurrent_checks,
+                1,
+                10_000,
+            )
+            .map_or(d.max_concurrent_checks, |n| n as usize);
+        let mut dur = |name: &str, v: &Field, default: Duration| {
+            c.duration(&format!("{key}.{name}"), v).unwrap_or(default)
         };
         ShareCheck {
             head,
@@ -1282,8 +1403,15 @@ impl RawSource {
 fn value_text(v: &Value) -> String {
     match v {
         Value::String(_, s) => s.clone(),
-        Value::Num(_, n) => format!("{n:?}"),
-        other => format!("{other:?}"),
+        Value::Char(_, c) => c.to_string(),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => match (n.to_u128(), n.to_i128(), n.to_f64()) {
+            (Some(u), _, _) => u.to_string(),
+            (_, Some(i), _) => i.to_string(),
+            (_, _, Some(f)) => f.to_string(),
+            _ => format!("{n:?}"),
+        },
+        other => other.to_actual().to_string(),
     }
 }
 

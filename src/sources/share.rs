@@ -5,13 +5,16 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use http::{HeaderMap, StatusCode};
 use ipnet::IpNet;
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
+use crate::client_ip::Refusal;
+use crate::gate::{Active, Gate};
 use crate::ledger::Millis;
 use crate::policy::{Share, ShareCheck};
 
@@ -371,6 +374,203 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// The forward-auth flow
+// ---------------------------------------------------------------------------------------------
+
+/// Longest a new grant waits for the proxy to see it (Traefik API polling).
+pub const MAX_PROPAGATION_WAIT: Duration = Duration::from_secs(5);
+
+/// The answer to a forward-auth share check, with a short reason for the body.
+pub type Answer = (StatusCode, &'static str);
+
+/// Check the share link in `X-Forwarded-Uri` for `source` and grant the client when it is valid:
+/// 200 (granted and persisted, and visible to the proxy when new), 403 invalid, 429 throttled,
+/// 503 upstream unreachable (fail closed). An untrusted peer gets 403 and nothing is sent.
+pub async fn forward_auth(
+    gate: &Gate,
+    active: &Arc<Active>,
+    source: &str,
+    peer: IpAddr,
+    headers: &HeaderMap,
+) -> Answer {
+    let (Some(state), Some(crate::policy::SourceKind::Share(share))) = (
+        active.shares.get(source),
+        active.policy.sources.get(source).map(|s| &s.kind),
+    ) else {
+        return (StatusCode::NOT_FOUND, "no such share source\n");
+    };
+    let limits = &share.check;
+    let client = match active
+        .client_ip
+        .resolve(peer, headers.get_all("x-forwarded-for"))
+    {
+        Ok(ip) => ip,
+        // A client inside the trusted ranges (a LAN viewer) may still view the link; it is
+        // never granted (see below).
+        Err(Refusal::ClientIsTrustedProxy(ip)) => ip,
+        Err(why) => {
+            debug!(%peer, source, %why, "share check refused");
+            return (StatusCode::FORBIDDEN, "forbidden\n");
+        }
+    };
+    let key = throttle_key(client, active.policy.ipv6_prefix);
+    if state.throttle.admit(key, limits, gate.now()) == Admission::Throttled {
+        debug!(%client, source, "share check throttled");
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed share checks\n",
+        );
+    }
+    let uri = headers
+        .get("x-forwarded-uri")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let url = match check_url(share, uri) {
+        Ok(url) => url,
+        Err(why) => {
+            finish(gate, state, key, true, limits, source);
+            debug!(%client, source, %why, "share link refused before any check");
+            return (StatusCode::FORBIDDEN, "not a share link\n");
+        }
+    };
+    let verdict = if state.cache.is_valid(url.as_str(), gate.now()) {
+        Verdict::Valid
+    } else {
+        let permit = tokio::time::timeout(limits.timeout, state.in_flight.acquire()).await;
+        match permit {
+            Ok(Ok(_permit)) => {
+                let cache_key = url.to_string();
+                let v = ask(gate.http_client(), url, limits).await;
+                if v == Verdict::Valid {
+                    state.cache.insert(cache_key, limits.cache, gate.now());
+                }
+                v
+            }
+            _ => Verdict::Unreachable("too many checks in flight".into()),
+        }
+    };
+    match verdict {
+        Verdict::Valid => finish(gate, state, key, false, limits, source),
+        Verdict::Invalid(status) => {
+            finish(gate, state, key, true, limits, source);
+            debug!(%client, source, status, "share link invalid");
+            return (StatusCode::FORBIDDEN, "invalid share link\n");
+        }
+        Verdict::Unreachable(why) => {
+            // Not the client's fault: it does not count towards a ban.
+            state.throttle.finish(key, false, limits, gate.now());
+            warn!(source, upstream = %share.upstream, %why, "share upstream unreachable; failing closed");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "share upstream unreachable\n",
+            );
+        }
+    }
+
+    let Ok(network) = active.client_ip.grantable(client) else {
+        // Valid link from an address that is never granted (LAN, the proxy): let it view.
+        return (StatusCode::OK, "valid\n");
+    };
+    let unlocks = &active.policy.sources[source].unlocks;
+    let snapshot = gate.snapshot();
+    let newly: Vec<String> = unlocks
+        .iter()
+        .filter(|s| !snapshot.service(s).is_some_and(|l| l.allows(client)))
+        .cloned()
+        .collect();
+    drop(snapshot);
+    let Some((_, generation)) = gate.record(source, network, None) else {
+        return (StatusCode::NOT_FOUND, "no such share source\n");
+    };
+    // Acknowledge only what survives a crash.
+    gate.persisted(generation).await;
+    if !newly.is_empty() {
+        propagate(gate, active, network, &newly, generation).await;
+    }
+    (StatusCode::OK, "granted\n")
+}
+
+fn finish(
+    gate: &Gate,
+    state: &ShareState,
+    key: IpNet,
+    failed: bool,
+    limits: &ShareCheck,
+    source: &str,
+) {
+    if state.throttle.finish(key, failed, limits, gate.now()) {
+        info!(client = %key, source, ban = ?limits.ban, "throttled: too many failed share checks");
+    }
+}
+
+/// Let the proxy see a new grant before answering, so the viewer's next request passes: wait for
+/// the Traefik file, then poll Traefik's API until the address is in every new middleware, or
+/// wait `propagation_delay` without an API. Without a Traefik file there is nothing to wait for.
+async fn propagate(
+    gate: &Gate,
+    active: &Active,
+    network: IpNet,
+    services: &[String],
+    generation: u64,
+) {
+    let traefik = &active.policy.traefik;
+    if traefik.file.is_none() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + MAX_PROPAGATION_WAIT;
+    if tokio::time::timeout_at(deadline, gate.written(generation))
+        .await
+        .is_err()
+    {
+        warn!(%network, "the Traefik file was not written in time; answering anyway");
+        return;
+    }
+    let Some(api) = &traefik.api else {
+        tokio::time::sleep(traefik.propagation_delay).await;
+        return;
+    };
+    let origin = origin_of(api);
+    let wanted = network.to_string();
+    let mut pending: Vec<String> = services
+        .iter()
+        .map(|s| traefik.middleware_name(s))
+        .collect();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for name in pending {
+            let url = format!("{origin}/api/http/middlewares/{name}@file");
+            if !middleware_lists(gate.http_client(), &url, &wanted).await {
+                still.push(name);
+            }
+        }
+        pending = still;
+        if pending.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() + Duration::from_millis(100) > deadline {
+            warn!(%network, middlewares = ?pending, "Traefik's API does not show the grant yet; answering anyway");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Does the middleware at `url` (Traefik API) list `network` in its source range?
+async fn middleware_lists(client: &reqwest::Client, url: &str, network: &str) -> bool {
+    let Ok(resp) = client.get(url).timeout(Duration::from_secs(1)).send().await else {
+        return false;
+    };
+    let Ok(body) = resp.json::<serde_json::Value>().await else {
+        return false;
+    };
+    ["ipAllowList", "ipWhiteList"].iter().any(|kind| {
+        body[kind]["sourceRange"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|v| v.as_str() == Some(network)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,209 +772,4 @@ mod tests {
         assert!(!c.is_valid("u", 60_000));
         assert!(!c.is_valid("v", 0));
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The forward-auth flow
-// ---------------------------------------------------------------------------------------------
-
-use std::sync::Arc;
-
-use http::{HeaderMap, StatusCode};
-use tracing::info;
-
-use crate::client_ip::Refusal;
-use crate::gate::{Active, Gate};
-
-/// Longest a new grant waits for the proxy to see it (Traefik API polling).
-pub const MAX_PROPAGATION_WAIT: Duration = Duration::from_secs(5);
-
-/// The answer to a forward-auth share check, with a short reason for the body.
-pub type Answer = (StatusCode, &'static str);
-
-/// Check the share link in `X-Forwarded-Uri` for `source` and grant the client when it is valid:
-/// 200 (granted and persisted, and visible to the proxy when new), 403 invalid, 429 throttled,
-/// 503 upstream unreachable (fail closed). An untrusted peer gets 403 and nothing is sent.
-pub async fn forward_auth(
-    gate: &Gate,
-    active: &Arc<Active>,
-    source: &str,
-    peer: IpAddr,
-    headers: &HeaderMap,
-) -> Answer {
-    let (Some(state), Some(crate::policy::SourceKind::Share(share))) = (
-        active.shares.get(source),
-        active.policy.sources.get(source).map(|s| &s.kind),
-    ) else {
-        return (StatusCode::NOT_FOUND, "no such share source\n");
-    };
-    let limits = &share.check;
-    let client = match active
-        .client_ip
-        .resolve(peer, headers.get_all("x-forwarded-for"))
-    {
-        Ok(ip) => ip,
-        // A client inside the trusted ranges (a LAN viewer) may still view the link; it is
-        // never granted (see below).
-        Err(Refusal::ClientIsTrustedProxy(ip)) => ip,
-        Err(why) => {
-            debug!(%peer, source, %why, "share check refused");
-            return (StatusCode::FORBIDDEN, "forbidden\n");
-        }
-    };
-    let key = throttle_key(client, active.policy.ipv6_prefix);
-    if state.throttle.admit(key, limits, gate.now()) == Admission::Throttled {
-        debug!(%client, source, "share check throttled");
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed share checks\n",
-        );
-    }
-    let uri = headers
-        .get("x-forwarded-uri")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let url = match check_url(share, uri) {
-        Ok(url) => url,
-        Err(why) => {
-            finish(gate, state, key, true, limits, source);
-            debug!(%client, source, %why, "share link refused before any check");
-            return (StatusCode::FORBIDDEN, "not a share link\n");
-        }
-    };
-    let verdict = if state.cache.is_valid(url.as_str(), gate.now()) {
-        Verdict::Valid
-    } else {
-        let permit = tokio::time::timeout(limits.timeout, state.in_flight.acquire()).await;
-        match permit {
-            Ok(Ok(_permit)) => {
-                let cache_key = url.to_string();
-                let v = ask(gate.http_client(), url, limits).await;
-                if v == Verdict::Valid {
-                    state.cache.insert(cache_key, limits.cache, gate.now());
-                }
-                v
-            }
-            _ => Verdict::Unreachable("too many checks in flight".into()),
-        }
-    };
-    match verdict {
-        Verdict::Valid => finish(gate, state, key, false, limits, source),
-        Verdict::Invalid(status) => {
-            finish(gate, state, key, true, limits, source);
-            debug!(%client, source, status, "share link invalid");
-            return (StatusCode::FORBIDDEN, "invalid share link\n");
-        }
-        Verdict::Unreachable(why) => {
-            // Not the client's fault: it does not count towards a ban.
-            state.throttle.finish(key, false, limits, gate.now());
-            warn!(source, upstream = %share.upstream, %why, "share upstream unreachable; failing closed");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "share upstream unreachable\n",
-            );
-        }
-    }
-
-    let Ok(network) = active.client_ip.grantable(client) else {
-        // Valid link from an address that is never granted (LAN, the proxy): let it view.
-        return (StatusCode::OK, "valid\n");
-    };
-    let unlocks = &active.policy.sources[source].unlocks;
-    let snapshot = gate.snapshot();
-    let newly: Vec<String> = unlocks
-        .iter()
-        .filter(|s| !snapshot.service(s).is_some_and(|l| l.allows(client)))
-        .cloned()
-        .collect();
-    drop(snapshot);
-    let Some((_, generation)) = gate.record(source, network, None) else {
-        return (StatusCode::NOT_FOUND, "no such share source\n");
-    };
-    // Acknowledge only what survives a crash.
-    gate.persisted(generation).await;
-    if !newly.is_empty() {
-        propagate(gate, active, network, &newly, generation).await;
-    }
-    (StatusCode::OK, "granted\n")
-}
-
-fn finish(
-    gate: &Gate,
-    state: &ShareState,
-    key: IpNet,
-    failed: bool,
-    limits: &ShareCheck,
-    source: &str,
-) {
-    if state.throttle.finish(key, failed, limits, gate.now()) {
-        info!(client = %key, source, ban = ?limits.ban, "throttled: too many failed share checks");
-    }
-}
-
-/// Let the proxy see a new grant before answering, so the viewer's next request passes: wait for
-/// the Traefik file, then poll Traefik's API until the address is in every new middleware, or
-/// wait `propagation_delay` without an API. Without a Traefik file there is nothing to wait for.
-async fn propagate(
-    gate: &Gate,
-    active: &Active,
-    network: IpNet,
-    services: &[String],
-    generation: u64,
-) {
-    let traefik = &active.policy.traefik;
-    if traefik.file.is_none() {
-        return;
-    }
-    let deadline = tokio::time::Instant::now() + MAX_PROPAGATION_WAIT;
-    if tokio::time::timeout_at(deadline, gate.written(generation))
-        .await
-        .is_err()
-    {
-        warn!(%network, "the Traefik file was not written in time; answering anyway");
-        return;
-    }
-    let Some(api) = &traefik.api else {
-        tokio::time::sleep(traefik.propagation_delay).await;
-        return;
-    };
-    let origin = origin_of(api);
-    let wanted = network.to_string();
-    let mut pending: Vec<String> = services
-        .iter()
-        .map(|s| traefik.middleware_name(s))
-        .collect();
-    while !pending.is_empty() {
-        let mut still = Vec::new();
-        for name in pending {
-            let url = format!("{origin}/api/http/middlewares/{name}@file");
-            if !middleware_lists(gate.http_client(), &url, &wanted).await {
-                still.push(name);
-            }
-        }
-        pending = still;
-        if pending.is_empty() {
-            break;
-        }
-        if tokio::time::Instant::now() + Duration::from_millis(100) > deadline {
-            warn!(%network, middlewares = ?pending, "Traefik's API does not show the grant yet; answering anyway");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Does the middleware at `url` (Traefik API) list `network` in its source range?
-async fn middleware_lists(client: &reqwest::Client, url: &str, network: &str) -> bool {
-    let Ok(resp) = client.get(url).timeout(Duration::from_secs(1)).send().await else {
-        return false;
-    };
-    let Ok(body) = resp.json::<serde_json::Value>().await else {
-        return false;
-    };
-    ["ipAllowList", "ipWhiteList"].iter().any(|kind| {
-        body[kind]["sourceRange"]
-            .as_array()
-            .is_some_and(|r| r.iter().any(|v| v.as_str() == Some(network)))
-    })
 }
