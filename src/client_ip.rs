@@ -42,8 +42,8 @@ pub enum Refusal {
     /// The client is itself a trusted proxy: a proxy in front is hiding client addresses.
     #[error("client {0} is a trusted proxy")]
     ClientIsTrustedProxy(IpAddr),
-    /// The client cannot be a host on the internet (link-local, loopback, unspecified,
-    /// multicast, broadcast): granting it would open the service to a whole local segment.
+    /// The client cannot be a host behind a proxy (link-local, unspecified, multicast,
+    /// broadcast): granting it would open the service to a whole local segment.
     #[error("client {0} is not a routable address")]
     NotRoutable(IpAddr),
     /// The network to grant overlaps this `always_allow` range.
@@ -236,23 +236,16 @@ fn count_elements(values: &[&[u8]]) -> usize {
         .sum()
 }
 
-/// Could `ip` be the address of a client on the internet or a LAN behind a proxy? Link-local
-/// addresses (a /64 of `fe80::` is every host on a segment) and the special addresses never are.
+/// Could `ip` be the address of a client behind a proxy? Link-local addresses (a /64 of
+/// `fe80::` is every host on a segment) and the special addresses never are. Loopback is left to
+/// `trusted_proxies`, which holds it by default; a deployment that trusts only its proxy's own
+/// loopback address may have local clients on others.
 fn routable(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            !(v4.is_loopback()
-                || v4.is_unspecified()
-                || v4.is_link_local()
-                || v4.is_multicast()
-                || v4.is_broadcast())
+            !(v4.is_unspecified() || v4.is_link_local() || v4.is_multicast() || v4.is_broadcast())
         }
-        IpAddr::V6(v6) => {
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || v6.is_unicast_link_local())
-        }
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast() || v6.is_unicast_link_local()),
     }
 }
 
