@@ -41,6 +41,15 @@ pub enum Command {
     Check,
     /// Print the Traefik file for the current state (policy plus state file)
     Render,
+    /// Print what to paste into the proxy: Traefik labels and file snippets, nginx, Caddy
+    Labels {
+        /// How the proxy reaches gatekeeper [default: http://gatekeeper:<listen port>]
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// Only this proxy (repeatable) [default: all]
+        #[arg(long, value_enum)]
+        proxy: Vec<crate::labels::Proxy>,
+    },
 }
 
 /// Log output formats.
@@ -144,6 +153,27 @@ pub fn summary(policy: &Policy) -> String {
     }
     let _ = writeln!(out, "trusted proxies: {}", join(&policy.trusted_proxies));
     out
+}
+
+/// `gatekeeper labels`: the proxy snippets for the loaded policy.
+pub fn labels(
+    location: &Location,
+    env: &BTreeMap<String, String>,
+    url: Option<&str>,
+    proxies: &[crate::labels::Proxy],
+) -> Result<String, PolicyError> {
+    use crate::labels::Proxy;
+    let policy = policy::load(location, env)?;
+    let url = url.map_or_else(
+        || format!("http://gatekeeper:{}", policy.listen.port()),
+        str::to_string,
+    );
+    let proxies = if proxies.is_empty() {
+        &[Proxy::Traefik, Proxy::Nginx, Proxy::Caddy][..]
+    } else {
+        proxies
+    };
+    Ok(crate::labels::render(&policy, &url, proxies))
 }
 
 /// `gatekeeper render`: the Traefik file for the policy and the state file as they are now.

@@ -19,6 +19,7 @@
 //!   plus the background tasks (expiry, output flushing).
 //! - [`http`]: the proxy-facing router; [`server`]: the accept loop that serves it.
 //! - [`daemon`]: `serve`: restore, start the background tasks, serve, flush at shutdown.
+//! - [`labels`]: the snippets `gatekeeper labels` prints for Traefik, nginx and Caddy.
 //! - [`cli`]: the command line, `check` and `render`; `main.rs` only dispatches.
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,7 @@ pub mod client_ip;
 pub mod daemon;
 pub mod gate;
 pub mod http;
+pub mod labels;
 pub mod ledger;
 pub mod policy;
 pub mod server;

@@ -25,6 +25,9 @@ fn main() -> ExitCode {
             }
             Err(e) => Err(e.into()),
         },
+        Command::Labels { url, proxy } => cli::labels(&location, &env, url.as_deref(), &proxy)
+            .map(|text| print!("{text}"))
+            .map_err(Into::into),
         Command::Render => cli::render(&location, &env).map(|(yaml, dropped)| {
             for why in dropped {
                 eprintln!("note: state entry not restored: {why}");
