@@ -163,6 +163,21 @@ impl ClientIp {
             .map(|net| net.trunc())
             .unwrap_or_else(|_| IpNet::from(client));
 
+        self.check_network(network, client)
+    }
+
+    /// Could `network` (an operator's grant) be granted? The same rules as for a client: it
+    /// must not overlap a trusted proxy range or an `always_allow` range, nor be link-local.
+    pub fn grantable_network(&self, network: IpNet) -> Result<IpNet, Refusal> {
+        let network = network.trunc();
+        let first = normalise(network.network());
+        if !routable(first) {
+            return Err(Refusal::NotRoutable(first));
+        }
+        self.check_network(network, first)
+    }
+
+    fn check_network(&self, network: IpNet, client: IpAddr) -> Result<IpNet, Refusal> {
         if let Some(proxy) = self.trusted.iter().find(|r| overlaps(&network, r)) {
             return Err(if proxy.contains(&client) {
                 Refusal::ClientIsTrustedProxy(client)
@@ -725,6 +740,30 @@ mod tests {
             Err(Refusal::AlwaysAllowed(net("203.0.113.7/32")))
         );
         assert_eq!(r.grantable(ip("203.0.113.8")), Ok(net("203.0.113.8/32")));
+    }
+
+    #[test]
+    fn an_operators_network_is_checked_whole() {
+        let r = resolver(64);
+        assert_eq!(
+            r.grantable_network(net("198.51.100.0/24")),
+            Ok(net("198.51.100.0/24"))
+        );
+        // Its first address is public, but the /4 holds 10.0.0.0/8.
+        assert!(matches!(
+            r.grantable_network(net("0.0.0.0/4")),
+            Err(Refusal::NotRoutable(_)) | Err(Refusal::NetworkHoldsTrustedProxy { .. })
+        ));
+        assert!(matches!(
+            r.grantable_network(net("8.0.0.0/6")),
+            Err(Refusal::NetworkHoldsTrustedProxy { .. })
+        ));
+        assert!(r.grantable_network(net("fe80::/64")).is_err());
+        // The always_allow address 203.0.113.7 is inside this /24.
+        assert_eq!(
+            r.grantable_network(net("203.0.113.0/24")),
+            Err(Refusal::AlwaysAllowed(net("203.0.113.7/32")))
+        );
     }
 
     #[test]

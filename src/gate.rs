@@ -17,7 +17,8 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use crate::client_ip::ClientIp;
-use crate::ledger::{Ledger, Millis, Recorded, Removed, Snapshot, now_millis};
+use crate::ledger::{Ledger, Millis, Recorded, Removed, Restore, Snapshot, now_millis};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::sinks::traefik_file;
 use crate::sources::share::{self, ShareState};
@@ -101,9 +102,25 @@ struct Inner {
     written: watch::Sender<u64>,
     /// Client for share checks and Traefik API polls.
     http: reqwest::Client,
+    /// Counters for `/metrics`.
+    metrics: Metrics,
     /// The last output failure, for health reporting; `None` when healthy.
     output_error: Mutex<Option<String>>,
     clock: fn() -> Millis,
+}
+
+/// Why an operator's grant was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// The policy has no such source.
+    #[error("no source `{0}` in the policy")]
+    UnknownSource(String),
+    /// The address may never be granted.
+    #[error("{0}")]
+    NotGrantable(crate::client_ip::Refusal),
+    /// A network so wide it would open a service to a large part of the internet.
+    #[error("{0} is too wide to grant (at most /16 for IPv4, /64 for IPv6)")]
+    TooWide(IpNet),
 }
 
 /// What restoring the state file did, for the startup log.
@@ -149,11 +166,14 @@ impl Gate {
             }
             ledger.restore(
                 &e.source,
-                net,
-                e.first_seen,
-                e.last_seen,
-                e.hits,
-                e.identity,
+                Restore {
+                    network: net,
+                    first_seen: e.first_seen,
+                    last_seen: e.last_seen,
+                    hits: e.hits,
+                    identity: e.identity,
+                    until: e.until,
+                },
             );
         }
         let removed = ledger
@@ -179,6 +199,7 @@ impl Gate {
                 persisted: watch::Sender::new(0),
                 written: watch::Sender::new(0),
                 http: share::http_client(),
+                metrics: Metrics::default(),
                 output_error: Mutex::new(None),
                 clock,
             }),
@@ -237,11 +258,50 @@ impl Gate {
                 drop(ledger);
                 let services = &active.policy.sources[source].unlocks;
                 info!(source, %network, identity, ?services, "granted");
-                log_removed(evicted);
+                self.inner.metrics.grant(source);
+                self.removed(&active.policy, evicted);
                 generation
             }
         };
         Some((recorded, generation))
+    }
+
+    /// An operator's grant: `network` through `source`, ending after `ttl` at the latest when
+    /// given (the source's limits still apply). Returns the change counter to wait on with
+    /// [`Gate::persisted`] before acknowledging.
+    pub fn grant(
+        &self,
+        source: &str,
+        network: IpNet,
+        ttl: Option<Duration>,
+    ) -> Result<u64, GrantError> {
+        let active = self.active();
+        if !active.policy.sources.contains_key(source) {
+            return Err(GrantError::UnknownSource(source.to_string()));
+        }
+        if network.prefix_len() < network.max_prefix_len() / 2 {
+            return Err(GrantError::TooWide(network));
+        }
+        let network = active
+            .client_ip
+            .grantable_network(network)
+            .map_err(GrantError::NotGrantable)?;
+        let now = self.now();
+        let mut ledger = self.ledger();
+        let recorded = ledger
+            .record(source, network, now, None)
+            .ok_or_else(|| GrantError::UnknownSource(source.to_string()))?;
+        let until = ttl.map(|t| now.saturating_add(t.as_millis() as Millis));
+        ledger.set_until(source, network, until);
+        let generation = self.publish(&active.policy, &ledger);
+        drop(ledger);
+        if let Recorded::New { evicted } = &recorded {
+            let services = &active.policy.sources[source].unlocks;
+            info!(source, %network, ?services, ?ttl, "granted by an operator");
+            self.inner.metrics.grant(source);
+            self.removed(&active.policy, evicted);
+        }
+        Ok(generation)
     }
 
     /// Revoke `network` from `source` (every source when `None`).
@@ -253,7 +313,7 @@ impl Gate {
             self.publish(&active.policy, &ledger);
         }
         drop(ledger);
-        log_removed(&removed);
+        self.removed(&active.policy, &removed);
         removed
     }
 
@@ -266,8 +326,24 @@ impl Gate {
             self.publish(&active.policy, &ledger);
         }
         drop(ledger);
-        log_removed(&removed);
+        self.removed(&active.policy, &removed);
         removed
+    }
+
+    /// Log and count entries that left, each once.
+    fn removed(&self, policy: &Policy, removed: &[Removed]) {
+        for r in removed {
+            let services = policy.sources.get(&r.source).map(|s| &s.unlocks);
+            info!(
+                source = %r.source,
+                network = %r.network,
+                identity = r.identity.as_deref(),
+                ?services,
+                "{}",
+                r.why.as_str()
+            );
+            self.inner.metrics.removal(&r.source, r.why.metric());
+        }
     }
 
     /// Swap in a snapshot of `ledger` and bump the change counter; called with the lock held so
@@ -293,6 +369,11 @@ impl Gate {
     pub async fn written(&self, generation: u64) {
         let mut rx = self.inner.written.subscribe();
         let _ = rx.wait_for(|g| *g >= generation).await;
+    }
+
+    /// The counters for `/metrics`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The HTTP client for upstream checks.
@@ -395,18 +476,6 @@ impl Gate {
     }
 }
 
-fn log_removed(removed: &[Removed]) {
-    for r in removed {
-        info!(
-            source = %r.source,
-            network = %r.network,
-            identity = r.identity.as_deref(),
-            "{}",
-            r.why.as_str()
-        );
-    }
-}
-
 fn publish_at_least(tx: &watch::Sender<u64>, generation: u64) {
     tx.send_if_modified(|g| {
         let newer = generation > *g;
@@ -445,8 +514,14 @@ impl OutputWriter {
         };
         if self.state.as_deref() != Some(&state[..]) {
             match store::save(&policy.state_file, &state) {
-                Ok(_) => self.state = Some(state),
-                Err(e) => errors.push(e.to_string()),
+                Ok(_) => {
+                    gate.inner.metrics.write("state", "ok");
+                    self.state = Some(state);
+                }
+                Err(e) => {
+                    gate.inner.metrics.write("state", "error");
+                    errors.push(e.to_string());
+                }
             }
         }
         if errors.is_empty() {
@@ -458,8 +533,12 @@ impl OutputWriter {
             let yaml = traefik_file::render(&snapshot, &policy.traefik, &policy.origin);
             if self.traefik.as_ref() != Some(&yaml) {
                 match traefik_file::write(path, &yaml) {
-                    Ok(_) => self.traefik = Some(yaml),
+                    Ok(_) => {
+                        gate.inner.metrics.write("traefik", "ok");
+                        self.traefik = Some(yaml);
+                    }
                     Err(e) => {
+                        gate.inner.metrics.write("traefik", "error");
                         written = false;
                         errors.push(e.to_string());
                     }

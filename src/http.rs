@@ -14,6 +14,7 @@ use http::{HeaderMap, StatusCode, header};
 
 use crate::client_ip::Refusal;
 use crate::gate::Gate;
+use crate::metrics::Endpoint;
 use crate::policy::SourceKind;
 use crate::sinks::traefik_file;
 use crate::sources::{mirror, share};
@@ -38,21 +39,41 @@ fn peer(req: &Request) -> Option<SocketAddr> {
 }
 
 /// A request whose Host belongs to a mirror source is that source's, whatever its path: answer
-/// before any route sees it, and without reading the body.
+/// before any route sees it, and without reading the body. Every request is counted here.
 async fn mirrored(State(gate): State<Gate>, req: Request, next: Next) -> Response {
     let active = gate.active();
-    if active.mirror_hosts.is_empty() {
-        return next.run(req).await;
+    if !active.mirror_hosts.is_empty() {
+        let host = mirror::request_host_of(req.uri(), req.headers());
+        if let Some(source) = mirror::source_for_host(&active, host.as_deref()) {
+            let status = match peer(&req) {
+                Some(peer) => mirror::record(&gate, &active, source, peer.ip(), req.headers()),
+                None => StatusCode::FORBIDDEN,
+            };
+            gate.metrics().request(Endpoint::Mirror, status.as_u16());
+            return status.into_response();
+        }
     }
-    let (parts, body) = req.into_parts();
-    let host = mirror::request_host(&parts);
-    let Some(source) = mirror::source_for_host(&active, host.as_deref()) else {
-        return next.run(Request::from_parts(parts, body)).await;
-    };
-    let Some(peer) = parts.extensions.get::<Peer>() else {
-        return StatusCode::FORBIDDEN.into_response();
-    };
-    mirror::record(&gate, &active, source, peer.0.ip(), &parts.headers).into_response()
+    let endpoint = endpoint_of(req.uri().path(), active.catch_all.is_some());
+    let response = next.run(req).await;
+    gate.metrics().request(endpoint, response.status().as_u16());
+    response
+}
+
+/// Which endpoint a path not claimed by Host is, for request counts.
+fn endpoint_of(path: &str, catch_all: bool) -> Endpoint {
+    if path.starts_with("/share/") {
+        Endpoint::Share
+    } else if path.starts_with("/allow/") {
+        Endpoint::Allow
+    } else if path == "/traefik/dynamic.json" {
+        Endpoint::DynamicJson
+    } else if path == "/verify_share_request" {
+        Endpoint::LegacyVerify
+    } else if catch_all {
+        Endpoint::Mirror
+    } else {
+        Endpoint::Other
+    }
 }
 
 /// Nothing else claimed the request: legacy mode counts it as mirrored, otherwise 404.

@@ -69,6 +69,8 @@ pub struct Entry {
     pub first_seen: Millis,
     /// Who proved trust, when the source knows (a certificate's CN).
     pub identity: Option<String>,
+    /// A fixed end set by an operator's grant (`ttl`), on top of the source's limits.
+    pub until: Option<Millis>,
     activity: Arc<Activity>,
 }
 
@@ -91,16 +93,30 @@ impl Entry {
         let age = limits
             .max_age
             .map(|t| self.first_seen.saturating_add(ms(t)));
-        match (idle, age) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [idle, age, self.until].into_iter().flatten().min()
     }
 
     /// LRU order: least recently seen first; ties broken so eviction is deterministic.
     fn lru_key(&self) -> (Millis, Millis, IpNet) {
         (self.last_seen(), self.first_seen, self.network)
     }
+}
+
+/// An entry as read back from the state file.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    /// The network.
+    pub network: IpNet,
+    /// First granted.
+    pub first_seen: Millis,
+    /// Last seen.
+    pub last_seen: Millis,
+    /// Requests seen.
+    pub hits: u64,
+    /// Who proved trust.
+    pub identity: Option<String>,
+    /// A fixed end, if an operator set one.
+    pub until: Option<Millis>,
 }
 
 /// Why an entry left the ledger.
@@ -117,7 +133,16 @@ pub enum Removal {
 }
 
 impl Removal {
-    /// Lower-case word for logs and metrics.
+    /// The metrics label: evicted, expired or revoked.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Removal::Evicted => "evicted",
+            Removal::Idle | Removal::MaxAge => "expired",
+            Removal::Revoked => "revoked",
+        }
+    }
+
+    /// Lower-case word for logs.
     pub fn as_str(self) -> &'static str {
         match self {
             Removal::Evicted => "evicted",
@@ -252,6 +277,7 @@ impl Ledger {
                 network,
                 first_seen: now,
                 identity: identity.map(str::to_string),
+                until: None,
                 activity: Arc::new(Activity::new(now, 1)),
             },
         );
@@ -260,26 +286,35 @@ impl Ledger {
         Some(Recorded::New { evicted })
     }
 
+    /// Set a fixed end on an entry (an operator's grant with a TTL). Returns false when there is
+    /// no such entry.
+    pub fn set_until(&mut self, source: &str, network: IpNet, until: Option<Millis>) -> bool {
+        match self
+            .books
+            .get_mut(source)
+            .and_then(|b| b.entries.get_mut(&network))
+        {
+            Some(e) => {
+                e.until = until;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Put back an entry read from the state file, as it was. Returns false for an unknown source.
-    pub fn restore(
-        &mut self,
-        source: &str,
-        network: IpNet,
-        first_seen: Millis,
-        last_seen: Millis,
-        hits: u64,
-        identity: Option<String>,
-    ) -> bool {
+    pub fn restore(&mut self, source: &str, stored: Restore) -> bool {
         let Some(book) = self.books.get_mut(source) else {
             return false;
         };
         book.entries.insert(
-            network,
+            stored.network,
             Entry {
-                network,
-                first_seen,
-                identity,
-                activity: Arc::new(Activity::new(last_seen, hits)),
+                network: stored.network,
+                first_seen: stored.first_seen,
+                identity: stored.identity,
+                until: stored.until,
+                activity: Arc::new(Activity::new(stored.last_seen, stored.hits)),
             },
         );
         true
@@ -314,7 +349,7 @@ impl Ledger {
         removed
     }
 
-    /// Remove every entry that is due at `now`.
+    /// Remove every entry that is due at `now` (idle, too old, or past its fixed end).
     pub fn expire(&mut self, now: Millis) -> Vec<Removed> {
         let mut removed = Vec::new();
         for (name, book) in &mut self.books {
@@ -325,7 +360,8 @@ impl Ledger {
                     .is_some_and(|t| e.last_seen().saturating_add(ms(t)) <= now);
                 let age_due = limits
                     .max_age
-                    .is_some_and(|t| e.first_seen.saturating_add(ms(t)) <= now);
+                    .is_some_and(|t| e.first_seen.saturating_add(ms(t)) <= now)
+                    || e.until.is_some_and(|u| u <= now);
                 if !idle_due && !age_due {
                     return true;
                 }

@@ -13,6 +13,7 @@
 //! - [`sources`]: inputs that turn requests into grants (`mirror`).
 //! - [`ledger`]: entries per source with LRU limit, idle TTL and maximum age; snapshots of the
 //!   effective allow list of every service. Pure: the clock is passed in.
+//! - [`metrics`]: counters and gauges for `/metrics`.
 //! - [`store`]: the state file that keeps the ledger across restarts.
 //! - [`sinks`]: pure renderers of a snapshot (`traefik_file`) and the atomic file writer.
 //! - [`gate`]: the shared runtime handle tying policy, ledger, snapshot and outputs together,
@@ -31,6 +32,7 @@ pub mod gate;
 pub mod http;
 pub mod labels;
 pub mod ledger;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod sinks;

@@ -41,6 +41,9 @@ pub struct StoredEntry {
     /// Who proved trust, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// A fixed end set by an operator's grant, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Millis>,
 }
 
 /// Why the state file could not be used.
@@ -147,6 +150,7 @@ pub fn encode(ledger: &Ledger) -> Vec<u8> {
             last_seen: e.last_seen(),
             hits: e.hits(),
             identity: e.identity.clone(),
+            until: e.until,
         })
         .collect::<Vec<_>>();
     let mut out = format!("{{\"format\":{FORMAT},\"entries\":[");
@@ -198,6 +202,7 @@ mod tests {
                     last_seen: 1000,
                     hits: 1,
                     identity: Some("alice".into()),
+                    until: None,
                 },
                 StoredEntry {
                     source: "ha".into(),
@@ -206,6 +211,7 @@ mod tests {
                     last_seen: 3000,
                     hits: 2,
                     identity: None,
+                    until: None,
                 },
             ]
         );

@@ -4,7 +4,6 @@
 
 use std::net::IpAddr;
 
-use http::request::Parts;
 use http::{HeaderMap, StatusCode, header};
 use tracing::debug;
 
@@ -12,10 +11,10 @@ use crate::gate::{Active, Gate};
 
 /// The request's host, lower-case, without port or trailing dot: the absolute-form URI's
 /// authority when present (it wins over `Host` in HTTP/1.1), else the `Host` header.
-pub fn request_host(parts: &Parts) -> Option<String> {
-    let raw = match parts.uri.authority() {
+pub fn request_host_of(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
+    let raw = match uri.authority() {
         Some(a) => a.as_str(),
-        None => parts.headers.get(header::HOST)?.to_str().ok()?,
+        None => headers.get(header::HOST)?.to_str().ok()?,
     };
     Some(normalise_host(raw))
 }

@@ -411,12 +411,14 @@ pub async fn forward_auth(
         Err(Refusal::ClientIsTrustedProxy(ip)) => ip,
         Err(why) => {
             debug!(%peer, source, %why, "share check refused");
+            gate.metrics().share_check(source, "refused");
             return (StatusCode::FORBIDDEN, "forbidden\n");
         }
     };
     let key = throttle_key(client, active.policy.ipv6_prefix);
     if state.throttle.admit(key, limits, gate.now()) == Admission::Throttled {
         debug!(%client, source, "share check throttled");
+        gate.metrics().share_check(source, "throttled");
         return (
             StatusCode::TOO_MANY_REQUESTS,
             "too many failed share checks\n",
@@ -430,6 +432,7 @@ pub async fn forward_auth(
         Ok(url) => url,
         Err(why) => {
             finish(gate, state, key, true, limits, source);
+            gate.metrics().share_check(source, "refused");
             debug!(%client, source, %why, "share link refused before any check");
             return (StatusCode::FORBIDDEN, "not a share link\n");
         }
@@ -451,15 +454,20 @@ pub async fn forward_auth(
         }
     };
     match verdict {
-        Verdict::Valid => finish(gate, state, key, false, limits, source),
+        Verdict::Valid => {
+            finish(gate, state, key, false, limits, source);
+            gate.metrics().share_check(source, "valid");
+        }
         Verdict::Invalid(status) => {
             finish(gate, state, key, true, limits, source);
+            gate.metrics().share_check(source, "invalid");
             debug!(%client, source, status, "share link invalid");
             return (StatusCode::FORBIDDEN, "invalid share link\n");
         }
         Verdict::Unreachable(why) => {
             // Not the client's fault: it does not count towards a ban.
             state.throttle.finish(key, false, limits, gate.now());
+            gate.metrics().share_check(source, "unreachable");
             warn!(source, upstream = %share.upstream, %why, "share upstream unreachable; failing closed");
             return (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -501,6 +509,7 @@ fn finish(
 ) {
     if state.throttle.finish(key, failed, limits, gate.now()) {
         info!(client = %key, source, ban = ?limits.ban, "throttled: too many failed share checks");
+        gate.metrics().throttled(source);
     }
 }
 
