@@ -3,22 +3,45 @@
 
 use std::future::Future;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::gate::{self, Gate};
 use crate::policy::Policy;
-use crate::{http, server};
+use crate::{admin, http, server};
 
-/// Run gatekeeper on a bound `listener` until `shutdown` resolves. The state file is read first:
+/// The bound listeners: the proxy-facing one and the admin one.
+pub struct Listeners {
+    /// `listen`.
+    pub proxy: TcpListener,
+    /// `admin.listen`.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Bind both addresses of `policy`, naming the key of one that cannot be bound.
+    pub async fn bind(policy: &Policy) -> anyhow::Result<Listeners> {
+        let proxy = TcpListener::bind(policy.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (listen)", policy.listen))?;
+        let admin = TcpListener::bind(policy.admin.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin.listen)", policy.admin.listen))?;
+        Ok(Listeners { proxy, admin })
+    }
+}
+
+/// Run gatekeeper on bound `listeners` until `shutdown` resolves. The state file is read first:
 /// one that cannot be read stops the start with an error naming it.
 pub async fn run(
     policy: Policy,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let entries = gate::load_state(&policy)?;
+    let token = admin::load_token(&policy)?;
     if policy.legacy {
         warn!(
             middleware = crate::policy::LEGACY_SERVICE,
@@ -43,12 +66,23 @@ pub async fn run(
     let outputs = tokio::spawn(gate.clone().run_outputs(stopped()));
     let expiry = tokio::spawn(gate.clone().run_expiry(stopped()));
 
-    let addr = listener.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    if token.is_none() {
+        info!("admin API is off: set admin.token_file or GATEKEEPER_ADMIN__TOKEN to turn it on");
+    }
+    let admin_task = tokio::spawn(server::serve(
+        listeners.admin,
+        admin::router(gate.clone(), token),
+        stopped(),
+    ));
+    info!(%admin_addr, "admin listener ready");
+    let addr = listeners.proxy.local_addr()?;
     info!(%addr, origin = %gate.active().policy.origin, "listening");
-    server::serve(listener, http::router(gate.clone()), shutdown).await;
+    server::serve(listeners.proxy, http::router(gate.clone()), shutdown).await;
 
     info!("shutting down: flushing state");
     let _ = stop_tx.send(true);
+    let _ = admin_task.await;
     let _ = expiry.await;
     let _ = outputs.await;
     if let Some(e) = gate.output_error() {

@@ -48,10 +48,8 @@ fn serve(location: &policy::Location, env: &BTreeMap<String, String>) -> anyhow:
     let policy = policy::load(location, env)?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(policy.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} (listen)", policy.listen))?;
-        daemon::run(policy, listener, daemon::shutdown_signal()).await
+        let listeners = daemon::Listeners::bind(&policy).await?;
+        daemon::run(policy, listeners, daemon::shutdown_signal()).await
     })
 }
 
