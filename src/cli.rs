@@ -1,13 +1,16 @@
-//! The command line (clap derive; the doc comments are the `--help`) and the commands that need
-//! no running daemon: `check` and `render`.
+//! The command line (clap derive; the doc comments are the `--help`), the commands that need
+//! no running daemon (`check`, `render`, `labels`), and the operator commands that ask a running
+//! one through its admin API (`list`, `grant`, `revoke`, `health`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+use crate::admin::{self, EntriesJson, EntryJson, ErrorJson, GrantJson, RevokedJson};
 use crate::gate::Gate;
 use crate::policy::{self, Location, Policy, PolicyError, SourceKind, TraefikVersion};
 use crate::sinks::traefik_file;
@@ -50,6 +53,37 @@ pub enum Command {
         #[arg(long, value_enum)]
         proxy: Vec<crate::labels::Proxy>,
     },
+    /// List who is allowed, through which source, until when (asks the running daemon)
+    List {
+        /// Print the admin API's JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allow an address now through a source, as if it had proved trust there (asks the running
+    /// daemon)
+    Grant {
+        /// An address or network: 203.0.113.5, 203.0.113.0/24, 2001:db8::/64 (an IPv6 address
+        /// means its ipv6_prefix network)
+        address: String,
+        /// The source whose services and limits apply
+        #[arg(long, value_name = "NAME")]
+        source: String,
+        /// End the grant after this long at the latest (90s, 12h, 7d); the source's idle_ttl and
+        /// max_age still apply
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// Remove an address from every source, or from one (asks the running daemon)
+    Revoke {
+        /// The address or network, as `list` shows it or as given to `grant`
+        address: String,
+        /// Only from this source
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+    },
+    /// Exit 0 when the running daemon is healthy, 1 with the reason otherwise (for a container
+    /// HEALTHCHECK)
+    Health,
 }
 
 /// Log output formats.
@@ -213,4 +247,440 @@ pub fn short_duration(d: Duration) -> String {
         }
     }
     format!("{s}s")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator commands: the admin API of a running daemon
+// ---------------------------------------------------------------------------------------------
+
+/// How long `health` waits for an answer (a container HEALTHCHECK must not hang).
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the other operator commands wait (a grant waits for the state file).
+pub const API_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why an operator command failed; every message is meant to be read as is.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The policy (for `admin.listen` and the token) is invalid.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The token file cannot be read.
+    #[error(transparent)]
+    Token(#[from] admin::TokenError),
+    /// Nothing listens at the admin address.
+    #[error("gatekeeper is not running at {0} (admin.listen)")]
+    NotRunning(SocketAddr),
+    /// The daemon did not answer in time.
+    #[error("gatekeeper at {addr} did not answer within {}", short_duration(*after))]
+    Timeout {
+        /// The admin address.
+        addr: SocketAddr,
+        /// How long it was given.
+        after: Duration,
+    },
+    /// Any other transport failure.
+    #[error("cannot talk to gatekeeper at {addr}: {message}")]
+    Transport {
+        /// The admin address.
+        addr: SocketAddr,
+        /// What failed.
+        message: String,
+    },
+    /// The daemon asks for a token and this command has none.
+    #[error(
+        "gatekeeper at {0} needs the admin token: set admin.token_file or \
+         GATEKEEPER_ADMIN__TOKEN for this command as for the daemon"
+    )]
+    NoToken(SocketAddr),
+    /// The daemon refused the token.
+    #[error(
+        "gatekeeper at {0} refused the admin token: admin.token_file or \
+         GATEKEEPER_ADMIN__TOKEN differ from the daemon's"
+    )]
+    WrongToken(SocketAddr),
+    /// The API answered with an error (its message).
+    #[error("{0}")]
+    Api(String),
+    /// `/healthz` answered with something other than 200.
+    #[error("unhealthy: {0}")]
+    Unhealthy(String),
+}
+
+/// A connection to the admin API of the daemon that `--config` describes.
+#[derive(Debug)]
+pub struct AdminClient {
+    addr: SocketAddr,
+    base: url::Url,
+    token: Option<String>,
+    http: reqwest::Client,
+    timeout: Duration,
+}
+
+/// Where to connect for a listen address: an unspecified one (`0.0.0.0`, `::`) listens on
+/// loopback too.
+pub fn connect_addr(listen: SocketAddr) -> SocketAddr {
+    match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, listen.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, listen.port()).into(),
+        _ => listen,
+    }
+}
+
+impl AdminClient {
+    /// A client for the admin listener of the policy at `location`; with its token unless
+    /// `with_token` is false (`health` needs none, so an unreadable token file cannot fail it).
+    pub fn from_policy(
+        location: &Location,
+        env: &BTreeMap<String, String>,
+        with_token: bool,
+        timeout: Duration,
+    ) -> Result<AdminClient, ClientError> {
+        let policy = policy::load(location, env)?;
+        let token = if with_token {
+            admin::load_token(&policy)?
+        } else {
+            None
+        };
+        let addr = connect_addr(policy.admin.listen);
+        let base =
+            url::Url::parse(&format!("http://{addr}/")).map_err(|e| ClientError::Transport {
+                addr,
+                message: e.to_string(),
+            })?;
+        let http = reqwest::Client::builder()
+            // The admin listener is local: an HTTP_PROXY of the environment must not reroute it.
+            .no_proxy()
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .build()
+            .map_err(|e| ClientError::Transport {
+                addr,
+                message: e.to_string(),
+            })?;
+        Ok(AdminClient {
+            addr,
+            base,
+            token,
+            http,
+            timeout,
+        })
+    }
+
+    /// The admin address asked.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn url(&self, segments: &[&str]) -> url::Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            // Each segment is percent-encoded, so `2001:db8::/64` stays one segment.
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        req.send().await.map_err(|e| self.transport(e))
+    }
+
+    fn transport(&self, e: reqwest::Error) -> ClientError {
+        if e.is_timeout() {
+            ClientError::Timeout {
+                addr: self.addr,
+                after: self.timeout,
+            }
+        } else if e.is_connect() {
+            ClientError::NotRunning(self.addr)
+        } else {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                let _ = write!(message, ": {s}");
+                source = s.source();
+            }
+            ClientError::Transport {
+                addr: self.addr,
+                message,
+            }
+        }
+    }
+
+    /// The body of a successful answer, or the API's error as a [`ClientError`].
+    async fn body(&self, res: reqwest::Response) -> Result<String, ClientError> {
+        let status = res.status();
+        let text = res.text().await.map_err(|e| self.transport(e))?;
+        if status.is_success() {
+            return Ok(text);
+        }
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(match self.token {
+                None => ClientError::NoToken(self.addr),
+                Some(_) => ClientError::WrongToken(self.addr),
+            });
+        }
+        let message = serde_json::from_str::<ErrorJson>(&text)
+            .map(|e| e.error)
+            .unwrap_or_else(|_| {
+                format!(
+                    "gatekeeper at {} answered {status}: {}",
+                    self.addr,
+                    text.trim()
+                )
+            });
+        Err(ClientError::Api(message))
+    }
+
+    fn decode<T: serde::de::DeserializeOwned>(&self, text: &str) -> Result<T, ClientError> {
+        serde_json::from_str(text).map_err(|e| ClientError::Transport {
+            addr: self.addr,
+            message: format!("unexpected answer ({e}): {text}"),
+        })
+    }
+
+    /// `GET /api/v1/entries`: the raw JSON and the entries.
+    pub async fn entries(&self) -> Result<(String, Vec<EntryJson>), ClientError> {
+        let res = self
+            .send(self.http.get(self.url(&["api", "v1", "entries"])))
+            .await?;
+        let text = self.body(res).await?;
+        let list: EntriesJson = self.decode(&text)?;
+        Ok((text, list.entries))
+    }
+
+    /// `POST /api/v1/entries`: the entry as granted.
+    pub async fn grant(&self, grant: &GrantJson) -> Result<EntryJson, ClientError> {
+        let req = self
+            .http
+            .post(self.url(&["api", "v1", "entries"]))
+            .json(grant);
+        let text = self.body(self.send(req).await?).await?;
+        self.decode(&text)
+    }
+
+    /// `DELETE /api/v1/entries/{address}?source=`: what was removed.
+    pub async fn revoke(
+        &self,
+        address: &str,
+        source: Option<&str>,
+    ) -> Result<RevokedJson, ClientError> {
+        let mut url = self.url(&["api", "v1", "entries", address]);
+        if let Some(s) = source {
+            url.query_pairs_mut().append_pair("source", s);
+        }
+        let text = self.body(self.send(self.http.delete(url)).await?).await?;
+        self.decode(&text)
+    }
+
+    /// `GET /healthz`: its body when 200, [`ClientError::Unhealthy`] with the reason otherwise.
+    pub async fn health(&self) -> Result<String, ClientError> {
+        let res = self.send(self.http.get(self.url(&["healthz"]))).await?;
+        let status = res.status();
+        let text = res.text().await.map_err(|e| self.transport(e))?;
+        let text = text.trim().to_string();
+        if status == reqwest::StatusCode::OK {
+            Ok(text)
+        } else if text.is_empty() {
+            Err(ClientError::Unhealthy(format!(
+                "/healthz answered {status}"
+            )))
+        } else {
+            Err(ClientError::Unhealthy(text))
+        }
+    }
+}
+
+/// Run an operator command (`list`, `grant`, `revoke`, `health`) against the daemon of the policy
+/// at `location`; returns what to print. Other commands are not operator commands: `None`.
+pub async fn operate(
+    command: &Command,
+    location: &Location,
+    env: &BTreeMap<String, String>,
+) -> Option<Result<String, ClientError>> {
+    let client = |with_token, timeout| AdminClient::from_policy(location, env, with_token, timeout);
+    Some(match command {
+        Command::List { json } => {
+            async {
+                let (raw, entries) = client(true, API_TIMEOUT)?.entries().await?;
+                Ok(if *json {
+                    format!("{}\n", raw.trim_end())
+                } else {
+                    entries_table(&entries, SystemTime::now())
+                })
+            }
+            .await
+        }
+        Command::Grant {
+            address,
+            source,
+            ttl,
+        } => {
+            async {
+                let grant = GrantJson {
+                    source: source.clone(),
+                    address: address.clone(),
+                    ttl: ttl.clone(),
+                };
+                let entry = client(true, API_TIMEOUT)?.grant(&grant).await?;
+                let until = match &entry.expires {
+                    Some(t) => format!("until {t} ({})", relative(t, SystemTime::now())),
+                    None => "until revoked".to_string(),
+                };
+                Ok(format!(
+                    "granted {} through {}, {until}\n",
+                    entry.network, entry.source
+                ))
+            }
+            .await
+        }
+        Command::Revoke { address, source } => {
+            async {
+                let revoked = client(true, API_TIMEOUT)?
+                    .revoke(address, source.as_deref())
+                    .await?;
+                let mut out = String::new();
+                for r in revoked.removed {
+                    let _ = writeln!(out, "revoked {} from {}", r.network, r.source);
+                }
+                Ok(out)
+            }
+            .await
+        }
+        Command::Health => {
+            async {
+                let body = client(false, HEALTH_TIMEOUT)?.health().await?;
+                Ok(format!("{body}\n"))
+            }
+            .await
+        }
+        _ => return None,
+    })
+}
+
+/// `in 6d 23h`, `12s ago`, from an RFC 3339 time of the API (as is when it does not parse).
+fn relative(rfc3339: &str, now: SystemTime) -> String {
+    let Ok(at) = humantime::parse_rfc3339(rfc3339) else {
+        return rfc3339.to_string();
+    };
+    let round = |d: Duration| short_span(d.as_secs());
+    match at.duration_since(now) {
+        Ok(ahead) => format!("in {}", round(ahead)),
+        Err(e) => format!("{} ago", round(e.duration())),
+    }
+}
+
+/// Seconds in two units at most, enough to read at a glance: `42s`, `5m 10s`, `6d 23h`.
+pub fn short_span(s: u64) -> String {
+    let (d, h, m) = (s / 86_400, s % 86_400 / 3_600, s % 3_600 / 60);
+    let parts: Vec<String> = [(d, "d"), (h, "h"), (m, "m"), (s % 60, "s")]
+        .iter()
+        .skip_while(|(n, _)| *n == 0)
+        .take(2)
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect();
+    if parts.is_empty() {
+        "0s".to_string()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// The aligned table `gatekeeper list` prints.
+pub fn entries_table(entries: &[EntryJson], now: SystemTime) -> String {
+    if entries.is_empty() {
+        return "no entries\n".to_string();
+    }
+    let mut rows = vec![[
+        "SOURCE".to_string(),
+        "NETWORK".to_string(),
+        "IDENTITY".to_string(),
+        "LAST SEEN".to_string(),
+        "EXPIRES".to_string(),
+    ]];
+    for e in entries {
+        rows.push([
+            e.source.clone(),
+            e.network.clone(),
+            e.identity.clone().unwrap_or_else(|| "-".to_string()),
+            relative(&e.last_seen, now),
+            e.expires
+                .as_deref()
+                .map_or_else(|| "never".to_string(), |t| relative(t, now)),
+        ]);
+    }
+    let mut widths = [0usize; 5];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod operator_tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_listen_addresses_are_reached_on_loopback() {
+        let a = |s: &str| connect_addr(s.parse().unwrap()).to_string();
+        assert_eq!(a("0.0.0.0:5001"), "127.0.0.1:5001");
+        assert_eq!(a("[::]:5001"), "[::1]:5001");
+        assert_eq!(a("10.0.0.2:5001"), "10.0.0.2:5001");
+    }
+
+    #[test]
+    fn spans_and_tables() {
+        assert_eq!(short_span(0), "0s");
+        assert_eq!(short_span(42), "42s");
+        assert_eq!(short_span(3_600 + 5), "1h");
+        assert_eq!(short_span(7 * 86_400 - 1), "6d 23h");
+        let now = humantime::parse_rfc3339("2025-01-01T12:00:00Z").unwrap();
+        let entry = |source: &str, network: &str, expires: Option<&str>| EntryJson {
+            source: source.into(),
+            network: network.into(),
+            identity: None,
+            first_seen: "2025-01-01T11:00:00Z".into(),
+            last_seen: "2025-01-01T11:59:18Z".into(),
+            expires: expires.map(Into::into),
+            hits: 1,
+        };
+        let table = entries_table(
+            &[
+                entry(
+                    "home-assistant",
+                    "203.0.113.5/32",
+                    Some("2025-01-08T11:59:18Z"),
+                ),
+                entry("ha", "2001:db8::/64", None),
+            ],
+            now,
+        );
+        assert_eq!(
+            table,
+            "\
+SOURCE          NETWORK         IDENTITY  LAST SEEN  EXPIRES
+home-assistant  203.0.113.5/32  -         42s ago    in 6d 23h
+ha              2001:db8::/64   -         42s ago    never
+"
+        );
+    }
 }

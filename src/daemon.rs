@@ -3,13 +3,16 @@
 
 use std::future::Future;
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::gate::{self, Gate};
-use crate::policy::Policy;
+use crate::policy::{self, Location, Policy};
 use crate::{admin, http, server};
 
 /// The bound listeners: the proxy-facing one and the admin one.
@@ -33,11 +36,24 @@ impl Listeners {
     }
 }
 
+/// Where the running policy came from, so it can be loaded again.
+pub struct PolicySource {
+    /// The policy file (or the default path, in legacy mode).
+    pub location: Location,
+    /// The environment it was loaded with.
+    pub env: BTreeMap<String, String>,
+}
+
+/// How often the policy file is compared with the running policy's text.
+pub const POLICY_POLL: Duration = Duration::from_secs(2);
+
 /// Run gatekeeper on bound `listeners` until `shutdown` resolves. The state file is read first:
-/// one that cannot be read stops the start with an error naming it.
+/// one that cannot be read stops the start with an error naming it. The policy is reloaded from
+/// `source` on SIGHUP and when its file changes.
 pub async fn run(
     policy: Policy,
     listeners: Listeners,
+    source: PolicySource,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let entries = gate::load_state(&policy)?;
@@ -65,6 +81,7 @@ pub async fn run(
     };
     let outputs = tokio::spawn(gate.clone().run_outputs(stopped()));
     let expiry = tokio::spawn(gate.clone().run_expiry(stopped()));
+    let reloader = tokio::spawn(watch_policy(gate.clone(), source, stopped()));
 
     let admin_addr = listeners.admin.local_addr()?;
     if token.is_none() {
@@ -83,12 +100,56 @@ pub async fn run(
     info!("shutting down: flushing state");
     let _ = stop_tx.send(true);
     let _ = admin_task.await;
+    let _ = reloader.await;
     let _ = expiry.await;
     let _ = outputs.await;
     if let Some(e) = gate.output_error() {
         anyhow::bail!("the last output write failed: {e}");
     }
     Ok(())
+}
+
+/// Reload the policy on SIGHUP and whenever its file's content changes, until `stop`. An invalid
+/// policy is logged with every problem and the running one is kept.
+async fn watch_policy(gate: Gate, source: PolicySource, stop: impl Future<Output = ()>) {
+    let path = source.location.path.clone();
+    let read = || std::fs::read(&path).ok();
+    let mut seen = read();
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(POLICY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let why = tokio::select! {
+            _ = hangup => "SIGHUP",
+            _ = tick.tick() => {
+                let now = read();
+                if now == seen { continue }
+                seen = now;
+                "the policy file changed"
+            }
+            _ = &mut stop => return,
+        };
+        match policy::load(&source.location, &source.env) {
+            Ok(policy) => {
+                let removed = gate.reload(policy);
+                info!(why, removed = removed.len(), "policy reloaded");
+            }
+            Err(e) => error!(why, "policy not reloaded, the running one is kept: {e}"),
+        }
+    }
 }
 
 /// Resolves on ctrl-c or SIGTERM (what `docker stop` and systemd send).

@@ -6,19 +6,21 @@
 //! The flusher persists the state file first and writes the Traefik file second, so anything a
 //! proxy was ever shown is already on disk.
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::client_ip::ClientIp;
-use crate::ledger::{Ledger, Millis, Recorded, Removed, Restore, Snapshot, now_millis};
+use crate::ledger::{Ledger, Millis, Recorded, Removal, Removed, Restore, Snapshot, now_millis};
 use crate::metrics::Metrics;
+use crate::notify::{Event, Notifier};
+use crate::policy::EventKind;
 use crate::policy::Policy;
 use crate::sinks::traefik_file;
 use crate::sources::share::{self, ShareState};
@@ -45,6 +47,8 @@ pub struct Active {
     pub catch_all: Option<String>,
     /// Runtime state (throttle, cache, concurrency) of each share source.
     pub shares: HashMap<String, Arc<ShareState>>,
+    /// Where notifications go, when the policy asks for them.
+    pub notifier: Option<Notifier>,
 }
 
 impl Active {
@@ -74,12 +78,14 @@ impl Active {
                 _ => None,
             })
             .collect();
+        let notifier = policy.notify.as_ref().and_then(Notifier::start);
         Active {
             policy,
             client_ip,
             mirror_hosts,
             catch_all,
             shares,
+            notifier,
         }
     }
 }
@@ -100,6 +106,8 @@ struct Inner {
     persisted: watch::Sender<u64>,
     /// The highest change counter known to be in the Traefik file (or every change, without one).
     written: watch::Sender<u64>,
+    /// What the proxy is shown (Traefik file, HTTP provider): only what the state file holds.
+    shown: ArcSwap<Snapshot>,
     /// Client for share checks and Traefik API polls.
     http: reqwest::Client,
     /// Counters for `/metrics`.
@@ -189,12 +197,14 @@ impl Gate {
             ));
         }
         restored.kept = ledger.entries().len();
-        let snapshot = ledger.snapshot(&active.policy);
+        let snapshot = Arc::new(ledger.snapshot(&active.policy));
         let gate = Gate {
             inner: Arc::new(Inner {
                 active: ArcSwap::from_pointee(active),
                 ledger: Mutex::new(ledger),
-                snapshot: ArcSwap::from_pointee(snapshot),
+                // Restored entries came from the state file: they may be shown at once.
+                shown: ArcSwap::new(snapshot.clone()),
+                snapshot: ArcSwap::new(snapshot),
                 changes: watch::Sender::new(0),
                 persisted: watch::Sender::new(0),
                 written: watch::Sender::new(0),
@@ -215,6 +225,12 @@ impl Gate {
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.inner.snapshot.load_full()
+    }
+
+    /// What the proxy is shown: the snapshot of the last Traefik file, which never holds a grant
+    /// the state file lacks. Decisions (`/allow`) use [`Gate::snapshot`] instead.
+    pub fn shown(&self) -> Arc<Snapshot> {
+        self.inner.shown.load_full()
     }
 
     /// The current time on the gate's clock.
@@ -242,10 +258,11 @@ impl Gate {
         identity: Option<&str>,
     ) -> Option<(Recorded, u64)> {
         let now = self.now();
-        if identity.is_none()
-            && let Some(activity) = self.inner.snapshot.load().activity(source, &network)
+        // A known client whose identity did not change is refreshed without the lock.
+        if let Some(live) = self.inner.snapshot.load().live(source, &network)
+            && (identity.is_none() || live.identity.as_deref() == identity)
         {
-            activity.touch(now);
+            live.activity.touch(now);
             return Some((Recorded::Known, *self.inner.changes.borrow()));
         }
         let active = self.active();
@@ -253,17 +270,94 @@ impl Gate {
         let recorded = ledger.record(source, network, now, identity)?;
         let generation = match &recorded {
             Recorded::Known => *self.inner.changes.borrow(),
+            Recorded::Reidentified => {
+                let generation = self.publish(&active.policy, &ledger);
+                drop(ledger);
+                info!(source, %network, identity, "identity changed");
+                generation
+            }
             Recorded::New { evicted } => {
                 let generation = self.publish(&active.policy, &ledger);
                 drop(ledger);
                 let services = &active.policy.sources[source].unlocks;
                 info!(source, %network, identity, ?services, "granted");
                 self.inner.metrics.grant(source);
-                self.removed(&active.policy, evicted);
+                self.notify(&active, EventKind::Grant, source, network, identity);
+                self.removed(&active, evicted);
                 generation
             }
         };
         Some((recorded, generation))
+    }
+
+    /// Adopt a reloaded policy, keeping the state: entries of removed sources are dropped,
+    /// lowered limits evict the least recently seen, entries the new policy forbids (now inside
+    /// trusted_proxies or always_allow) are revoked, and outputs are re-rendered. Throttle state
+    /// and bans of share sources whose settings did not change are kept.
+    pub fn reload(&self, policy: Policy) -> Vec<Removed> {
+        let old = self.active();
+        let mut active = Active::new(policy);
+        let kept: Vec<String> = active
+            .shares
+            .keys()
+            .filter(|name| {
+                old.policy.sources.get(*name).map(|s| &s.kind)
+                    == active.policy.sources.get(*name).map(|s| &s.kind)
+            })
+            .cloned()
+            .collect();
+        for name in kept {
+            if let Some(state) = old.shares.get(&name) {
+                active.shares.insert(name, state.clone());
+            }
+        }
+        for (key, before, after) in [
+            (
+                "listen",
+                old.policy.listen.to_string(),
+                active.policy.listen.to_string(),
+            ),
+            (
+                "admin.listen",
+                old.policy.admin.listen.to_string(),
+                active.policy.admin.listen.to_string(),
+            ),
+            (
+                "admin token",
+                format!(
+                    "{:?}{:?}",
+                    old.policy.admin.token, old.policy.admin.token_file
+                ),
+                format!(
+                    "{:?}{:?}",
+                    active.policy.admin.token, active.policy.admin.token_file
+                ),
+            ),
+        ] {
+            if before != after {
+                warn!(
+                    key,
+                    "changed in the policy; it takes effect at the next restart"
+                );
+            }
+        }
+        let active = Arc::new(active);
+        let mut ledger = self.ledger();
+        let mut removed = ledger.apply_policy(&active.policy);
+        let forbidden: Vec<(String, IpNet)> = ledger
+            .entries()
+            .into_iter()
+            .filter(|(_, e)| active.client_ip.grantable_network(e.network).is_err())
+            .map(|(source, e)| (source.to_string(), e.network))
+            .collect();
+        for (source, network) in forbidden {
+            removed.extend(ledger.revoke(network, Some(&source)));
+        }
+        self.inner.active.store(active.clone());
+        self.publish(&active.policy, &ledger);
+        drop(ledger);
+        self.removed(&active, &removed);
+        removed
     }
 
     /// An operator's grant: `network` through `source`, ending after `ttl` at the latest when
@@ -299,7 +393,8 @@ impl Gate {
             let services = &active.policy.sources[source].unlocks;
             info!(source, %network, ?services, ?ttl, "granted by an operator");
             self.inner.metrics.grant(source);
-            self.removed(&active.policy, evicted);
+            self.notify(&active, EventKind::Grant, source, network, None);
+            self.removed(&active, evicted);
         }
         Ok(generation)
     }
@@ -313,7 +408,7 @@ impl Gate {
             self.publish(&active.policy, &ledger);
         }
         drop(ledger);
-        self.removed(&active.policy, &removed);
+        self.removed(&active, &removed);
         removed
     }
 
@@ -326,13 +421,46 @@ impl Gate {
             self.publish(&active.policy, &ledger);
         }
         drop(ledger);
-        self.removed(&active.policy, &removed);
+        self.removed(&active, &removed);
         removed
     }
 
-    /// Log and count entries that left, each once.
-    fn removed(&self, policy: &Policy, removed: &[Removed]) {
+    /// Send a notification of `kind`, if the policy asks for them. Never waits.
+    pub fn notify(
+        &self,
+        active: &Active,
+        kind: EventKind,
+        source: &str,
+        network: IpNet,
+        identity: Option<&str>,
+    ) {
+        if let Some(n) = &active.notifier {
+            n.send(Event {
+                event: kind,
+                source: source.to_string(),
+                network,
+                identity: identity.map(str::to_string),
+                services: active
+                    .policy
+                    .sources
+                    .get(source)
+                    .map(|s| s.unlocks.clone())
+                    .unwrap_or_default(),
+                at: self.now(),
+            });
+        }
+    }
+
+    /// Log, count and notify entries that left, each once.
+    fn removed(&self, active: &Active, removed: &[Removed]) {
+        let policy = &active.policy;
         for r in removed {
+            let kind = match r.why {
+                Removal::Evicted => EventKind::Evict,
+                Removal::Idle | Removal::MaxAge => EventKind::Expire,
+                Removal::Revoked => EventKind::Revoke,
+            };
+            self.notify(active, kind, &r.source, r.network, r.identity.as_deref());
             let services = policy.sources.get(&r.source).map(|s| &s.unlocks);
             info!(
                 source = %r.source,
@@ -425,7 +553,16 @@ impl Gate {
     /// [`STATE_FLUSH_INTERVAL`]; flush once more when `shutdown` resolves.
     pub async fn run_outputs(self, shutdown: impl Future<Output = ()>) {
         let mut changes = self.inner.changes.subscribe();
-        let mut writer = OutputWriter::default();
+        // Whatever the ledger holds now was restored from the state file.
+        let mut writer = OutputWriter {
+            persisted: self
+                .ledger()
+                .entries()
+                .into_iter()
+                .map(|(source, e)| (source.to_string(), e.network))
+                .collect(),
+            ..OutputWriter::default()
+        };
         tokio::pin!(shutdown);
         loop {
             changes.borrow_and_update();
@@ -489,8 +626,12 @@ fn publish_at_least(tx: &watch::Sender<u64>, generation: u64) {
 /// Remembers what was last written, so unchanged outputs are not rewritten.
 #[derive(Default)]
 struct OutputWriter {
-    state: Option<Vec<u8>>,
-    traefik: Option<String>,
+    /// Path and bytes of the last state file written (a reload may move it).
+    state: Option<(PathBuf, Vec<u8>)>,
+    /// Path and text of the last Traefik file written.
+    traefik: Option<(PathBuf, String)>,
+    /// The entries in the last state file written.
+    persisted: HashSet<(String, IpNet)>,
 }
 
 impl OutputWriter {
@@ -504,16 +645,24 @@ impl OutputWriter {
         // State bytes, snapshot and change counter are taken together under the ledger lock
         // (snapshots are swapped under it too), so the Traefik file never shows a grant the state
         // file written just before it lacks.
-        let (state, snapshot, generation) = {
+        let (state, snapshot, generation, entries) = {
             let ledger = gate.ledger();
+            let entries: HashSet<(String, IpNet)> = ledger
+                .entries()
+                .into_iter()
+                .map(|(source, e)| (source.to_string(), e.network))
+                .collect();
             (
                 store::encode(&ledger),
                 gate.snapshot(),
                 *gate.inner.changes.borrow(),
+                entries,
             )
         };
-        if self.state.as_deref() != Some(&state[..]) {
-            match store::save(&policy.state_file, &state) {
+        let state = (policy.state_file.clone(), state);
+        let mut state_ok = true;
+        if self.state.as_ref() != Some(&state) {
+            match store::save(&state.0, &state.1) {
                 Ok(_) => {
                     gate.inner.metrics.write("state", "ok");
                     self.state = Some(state);
@@ -521,18 +670,32 @@ impl OutputWriter {
                 Err(e) => {
                     gate.inner.metrics.write("state", "error");
                     errors.push(e.to_string());
+                    state_ok = false;
                 }
             }
         }
-        if errors.is_empty() {
+        // What the proxy is shown: everything, once the state file holds it; while the state
+        // file cannot be written, only entries it already holds, so revocations and expiries
+        // still reach the proxy but a grant that would be forgotten by a crash does not.
+        let shown = if state_ok {
+            self.persisted = entries;
             publish_at_least(&gate.inner.persisted, generation);
-        }
+            snapshot
+        } else {
+            let persisted = &self.persisted;
+            Arc::new(gate.ledger().snapshot_of(policy, |source, network| {
+                persisted.contains(&(source.to_string(), *network))
+            }))
+        };
+        gate.inner.shown.store(shown.clone());
+        let snapshot = shown;
 
         let mut written = true;
         if let Some(path) = &policy.traefik.file {
             let yaml = traefik_file::render(&snapshot, &policy.traefik, &policy.origin);
+            let yaml = (path.clone(), yaml);
             if self.traefik.as_ref() != Some(&yaml) {
-                match traefik_file::write(path, &yaml) {
+                match traefik_file::write(path, &yaml.1) {
                     Ok(_) => {
                         gate.inner.metrics.write("traefik", "ok");
                         self.traefik = Some(yaml);
@@ -590,5 +753,23 @@ fn ensure_parent(path: &Path) -> Result<(), StoreError> {
             Ok(())
         }
         _ => Ok(()),
+    }
+}
+
+impl Gate {
+    /// Every entry with its source and when it expires under that source's limits (`None`:
+    /// never), in source order then network order; for the admin API and the status page.
+    pub fn entries(&self) -> Vec<(String, crate::ledger::Entry, Option<Millis>)> {
+        let active = self.active();
+        let ledger = self.ledger();
+        ledger
+            .entries()
+            .into_iter()
+            .map(|(source, e)| {
+                let limits = active.policy.sources.get(source).map(|s| &s.limits);
+                let expires = limits.and_then(|l| e.expires_at(l));
+                (source.to_string(), e.clone(), expires)
+            })
+            .collect()
     }
 }

@@ -96,13 +96,15 @@ async fn share_check(
 ) -> Response {
     let active = gate.active();
     if !active.shares.contains_key(&source) {
-        let known: Vec<&str> = active.shares.keys().map(String::as_str).collect();
+        // Named back, but the policy's other names are not listed to whoever asks.
+        let shown: String = source
+            .chars()
+            .filter(char::is_ascii_graphic)
+            .take(64)
+            .collect();
         return (
             StatusCode::NOT_FOUND,
-            format!(
-                "no share source `{source}` in the policy (share sources: {})\n",
-                known.join(", ")
-            ),
+            format!("no share source `{shown}` in the policy\n"),
         )
             .into_response();
     }
@@ -153,7 +155,8 @@ async fn dynamic_json(State(gate): State<Gate>, ConnectInfo(peer): Peer) -> Resp
     if !active.client_ip.is_trusted(peer.ip()) {
         return (StatusCode::FORBIDDEN, "forbidden\n").into_response();
     }
-    let json = traefik_file::render_json(&gate.snapshot(), &active.policy.traefik);
+    // The same content as the file: what the state file holds, never more.
+    let json = traefik_file::render_json(&gate.shown(), &active.policy.traefik);
     (
         [(header::CONTENT_TYPE, "application/json")],
         json.to_string(),

@@ -83,14 +83,21 @@ fn traefik(out: &mut String, policy: &Policy, url: &str) {
         );
     }
     for (name, patterns, unlocks) in shares(policy) {
+        // Exactly the link paths: /share judges the path, so a deeper path sent there would be
+        // refused and count as a failed check. Go's regexp reads these patterns as they are.
+        let rule = patterns
+            .iter()
+            .map(|p| format!("PathRegexp(`{p}`)"))
+            .collect::<Vec<_>>()
+            .join(" || ");
         let _ = writeln!(
             out,
-            "\n# 3. Share source `{name}` (unlocks {}): a router for the share paths with forward-auth.\n\
-             #    Its rule must cover these paths: {}\n\
-             - \"traefik.http.middlewares.{name}-auth.forwardauth.address={url}/share/{name}\"\n\
-             - \"traefik.http.routers.<share router>.middlewares={name}-auth\"",
+            "\n# 3. Share source `{name}` (unlocks {}): a router for exactly the link paths, with\n\
+             #    forward-auth; everything else the app loads goes through its main router.\n\
+             - \"traefik.http.routers.<share router>.rule=Host(`<app host>`) && ({rule})\"\n\
+             - \"traefik.http.routers.<share router>.middlewares={name}-auth\"\n\
+             - \"traefik.http.middlewares.{name}-auth.forwardauth.address={url}/share/{name}\"",
             unlocks.join(", "),
-            patterns.join("  ")
         );
     }
     let _ = writeln!(
@@ -195,6 +202,7 @@ mod tests {
             "- url: http://gatekeeper:5000\n",
             "forwardauth.address=http://gatekeeper:5000/share/immich-share",
             "forwardauth.address=http://gatekeeper:5000/share/nextcloud-share",
+            "rule=Host(`<app host>`) && (PathRegexp(`^(?:/s/[A-Za-z0-9]{15})$`))",
             "proxy_pass http://gatekeeper:5000/allow/nextcloud;",
             "proxy_set_header Host ha.example.com;",
             "proxy_pass http://gatekeeper:5000/share/immich-share;",

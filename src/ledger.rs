@@ -10,7 +10,7 @@ use std::time::Duration;
 use indexmap::IndexMap;
 use ipnet::IpNet;
 
-use crate::policy::{Limits, Policy};
+use crate::policy::{Limits, Policy, SourceKind};
 
 /// Milliseconds since the Unix epoch: wall-clock time, because entries outlive the process.
 pub type Millis = u64;
@@ -171,6 +171,8 @@ pub struct Removed {
 pub enum Recorded {
     /// The client already had an entry; it was refreshed.
     Known,
+    /// The client already had an entry, now under another identity: its lists may differ.
+    Reidentified,
     /// A new entry; `evicted` lists what made room for it.
     New {
         /// Entries pushed out by the limit.
@@ -268,6 +270,7 @@ impl Ledger {
             entry.activity.touch(now);
             if identity.is_some() && entry.identity.as_deref() != identity {
                 entry.identity = identity.map(str::to_string);
+                return Some(Recorded::Reidentified);
             }
             return Some(Recorded::Known);
         }
@@ -410,6 +413,11 @@ impl Ledger {
 
     /// The effective allow list of every service, and the lock-free handles of live entries.
     pub fn snapshot(&self, policy: &Policy) -> Snapshot {
+        self.snapshot_of(policy, |_, _| true)
+    }
+
+    /// A snapshot holding only the entries `keep` accepts (by source and network).
+    pub fn snapshot_of(&self, policy: &Policy, keep: impl Fn(&str, &IpNet) -> bool) -> Snapshot {
         let mut services = Vec::with_capacity(policy.services.len());
         for (name, service) in &policy.services {
             let mut allowed: Vec<IpNet> = policy.always_allow.clone();
@@ -418,8 +426,18 @@ impl Ledger {
                 if !source.unlocks.iter().any(|s| s == name) {
                     continue;
                 }
+                let rules = match &source.kind {
+                    SourceKind::Mirror(m) if !m.identities.is_empty() => Some(&m.identities),
+                    _ => None,
+                };
                 if let Some(book) = self.books.get(source_name) {
-                    allowed.extend(book.entries.keys().copied());
+                    allowed.extend(
+                        book.entries
+                            .values()
+                            .filter(|e| identity_unlocks(rules, e.identity.as_deref(), name))
+                            .filter(|e| keep(source_name, &e.network))
+                            .map(|e| e.network),
+                    );
                 }
             }
             allowed.sort();
@@ -436,7 +454,13 @@ impl Ledger {
                 let set = book
                     .entries
                     .iter()
-                    .map(|(net, e)| (*net, e.activity.clone()))
+                    .map(|(net, e)| {
+                        let live = Live {
+                            activity: e.activity.clone(),
+                            identity: e.identity.as_deref().map(Box::from),
+                        };
+                        (*net, live)
+                    })
                     .collect();
                 (name.clone(), set)
             })
@@ -451,7 +475,31 @@ impl Ledger {
 pub struct Snapshot {
     /// Services in name order (figment reads maps sorted by key).
     pub services: Vec<ServiceList>,
-    live: HashMap<String, HashMap<IpNet, Arc<Activity>>>,
+    live: HashMap<String, HashMap<IpNet, Live>>,
+}
+
+/// A live entry as a snapshot sees it: enough to refresh it without the ledger's lock.
+#[derive(Debug, Clone)]
+pub struct Live {
+    /// Shared with the ledger's entry.
+    pub activity: Arc<Activity>,
+    /// The entry's identity when the snapshot was taken.
+    pub identity: Option<Box<str>>,
+}
+
+/// Does an entry with `identity` reach `service`? Identities with a rule reach what the rule
+/// lists; every other entry reaches everything its source unlocks.
+fn identity_unlocks(
+    rules: Option<&std::collections::BTreeMap<String, Vec<String>>>,
+    identity: Option<&str>,
+    service: &str,
+) -> bool {
+    match (rules, identity) {
+        (Some(rules), Some(cn)) => rules
+            .get(cn)
+            .is_none_or(|services| services.iter().any(|s| s == service)),
+        _ => true,
+    }
 }
 
 impl Snapshot {
@@ -463,8 +511,8 @@ impl Snapshot {
         }
     }
 
-    /// The activity handle of a live entry, so a known client is refreshed without a lock.
-    pub fn activity(&self, source: &str, network: &IpNet) -> Option<&Arc<Activity>> {
+    /// A live entry of `source`, so a known client is refreshed without a lock.
+    pub fn live(&self, source: &str, network: &IpNet) -> Option<&Live> {
         self.live.get(source)?.get(network)
     }
 
@@ -645,10 +693,13 @@ mod tests {
         let mut l = Ledger::new(&p);
         l.record("ha", net("1.1.1.1/32"), 0, None);
         let s = l.snapshot(&p);
-        s.activity("ha", &net("1.1.1.1/32")).unwrap().touch(7 * MIN);
+        s.live("ha", &net("1.1.1.1/32"))
+            .unwrap()
+            .activity
+            .touch(7 * MIN);
         assert_eq!(l.next_due(), Some(17 * MIN));
         assert_eq!(l.entries()[0].1.hits(), 2);
-        assert!(s.activity("ha", &net("2.2.2.2/32")).is_none());
+        assert!(s.live("ha", &net("2.2.2.2/32")).is_none());
     }
 
     #[test]
@@ -674,6 +725,36 @@ mod tests {
         assert_eq!(removed.len(), 1);
         assert_eq!(removed[0].why, Removal::Revoked);
         assert!(l.contains("ha", net("1.1.1.1/32")));
+    }
+
+    #[test]
+    fn an_identity_rule_narrows_what_an_entry_unlocks() {
+        let p = from_yaml_str(
+            "services: { immich: {}, nextcloud: {} }\nsources:\n  ha:\n    kind: mirror\n    hosts: [ha.example.com]\n    unlocks: \"*\"\n    identity_header: X-Client-Subject\n    identities: { \"CN=alice\": [immich] }\n",
+            "t",
+        )
+        .unwrap();
+        let mut l = Ledger::new(&p);
+        l.record("ha", net("1.1.1.1/32"), 0, Some("alice"));
+        l.record("ha", net("2.2.2.2/32"), 0, Some("bob"));
+        l.record("ha", net("3.3.3.3/32"), 0, None);
+        let s = l.snapshot(&p);
+        let list = |svc: &str| s.service(svc).unwrap().allowed.clone();
+        assert_eq!(
+            list("immich"),
+            vec![net("1.1.1.1/32"), net("2.2.2.2/32"), net("3.3.3.3/32")]
+        );
+        assert_eq!(
+            list("nextcloud"),
+            vec![net("2.2.2.2/32"), net("3.3.3.3/32")]
+        );
+        assert_eq!(
+            s.live("ha", &net("1.1.1.1/32"))
+                .unwrap()
+                .identity
+                .as_deref(),
+            Some("alice")
+        );
     }
 
     #[test]

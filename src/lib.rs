@@ -14,6 +14,7 @@
 //! - [`ledger`]: entries per source with LRU limit, idle TTL and maximum age; snapshots of the
 //!   effective allow list of every service. Pure: the clock is passed in.
 //! - [`metrics`]: counters and gauges for `/metrics`.
+//! - [`notify`]: fire-and-forget notifications of grants, expiries, revocations and bans.
 //! - [`store`]: the state file that keeps the ledger across restarts.
 //! - [`sinks`]: pure renderers of a snapshot (`traefik_file`) and the atomic file writer.
 //! - [`gate`]: the shared runtime handle tying policy, ledger, snapshot and outputs together,
@@ -35,6 +36,7 @@ pub mod http;
 pub mod labels;
 pub mod ledger;
 pub mod metrics;
+pub mod notify;
 pub mod policy;
 pub mod server;
 pub mod sinks;

@@ -34,6 +34,10 @@ fn main() -> ExitCode {
             }
             print!("{yaml}");
         }),
+        command @ (Command::List { .. }
+        | Command::Grant { .. }
+        | Command::Revoke { .. }
+        | Command::Health) => operator(&command, &location, &env),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -49,8 +53,28 @@ fn serve(location: &policy::Location, env: &BTreeMap<String, String>) -> anyhow:
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let listeners = daemon::Listeners::bind(&policy).await?;
-        daemon::run(policy, listeners, daemon::shutdown_signal()).await
+        let source = daemon::PolicySource {
+            location: location.clone(),
+            env: env.clone(),
+        };
+        daemon::run(policy, listeners, source, daemon::shutdown_signal()).await
     })
+}
+
+/// `list`, `grant`, `revoke`, `health`: one request to the admin API, on a single thread.
+fn operator(
+    command: &Command,
+    location: &policy::Location,
+    env: &BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    if let Some(result) = runtime.block_on(cli::operate(command, location, env)) {
+        print!("{}", result?);
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {

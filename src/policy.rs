@@ -38,8 +38,68 @@ pub struct Policy {
     pub services: IndexMap<String, Service>,
     /// Trust sources by name, in name order.
     pub sources: IndexMap<String, Source>,
+    /// Where to send notifications of grants, expiries, revocations and bans.
+    pub notify: Option<Notify>,
     /// True when built from `MAX_IP_LEN` / `DEFAULT_SOURCE_RANGE` instead of a policy file.
     pub legacy: bool,
+}
+
+/// Notification settings (`notify:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notify {
+    /// Where events are POSTed.
+    pub url: http::Uri,
+    /// Body format.
+    pub format: NotifyFormat,
+    /// Which events are sent.
+    pub on: Vec<EventKind>,
+    /// A notification slower than this is dropped.
+    pub timeout: Duration,
+}
+
+/// How a notification is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyFormat {
+    /// One JSON object.
+    Json,
+    /// Plain text with ntfy's `Title` and `Tags` headers.
+    Ntfy,
+}
+
+/// The events that can be notified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EventKind {
+    /// A new entry.
+    Grant,
+    /// An entry expired (idle, max age, or an operator's TTL).
+    Expire,
+    /// An entry was revoked (operator, or a policy change).
+    Revoke,
+    /// An entry was pushed out by the `max_ips` limit.
+    Evict,
+    /// A client was banned for failed share checks.
+    Throttle,
+}
+
+impl EventKind {
+    /// The name used in the policy and in notifications.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Grant => "grant",
+            EventKind::Expire => "expire",
+            EventKind::Revoke => "revoke",
+            EventKind::Evict => "evict",
+            EventKind::Throttle => "throttle",
+        }
+    }
+
+    const ALL: [EventKind; 5] = [
+        EventKind::Grant,
+        EventKind::Expire,
+        EventKind::Revoke,
+        EventKind::Evict,
+        EventKind::Throttle,
+    ];
 }
 
 /// Admin listener settings.
@@ -148,6 +208,13 @@ pub struct Mirror {
     pub hosts: Vec<String>,
     /// Legacy mode: every request no other route claims counts as mirrored.
     pub catch_all: bool,
+    /// The header in which the proxy passes the client certificate's subject (nginx
+    /// `$ssl_client_s_dn`, Caddy `{http.request.tls.client.subject}`, or Traefik's
+    /// `X-Forwarded-Tls-Client-Cert-Info`). The proxy must overwrite it on every request.
+    pub identity_header: Option<http::HeaderName>,
+    /// Certificate CN → the services that certificate unlocks (a subset of `unlocks`);
+    /// identities not listed unlock all of `unlocks`.
+    pub identities: BTreeMap<String, Vec<String>>,
 }
 
 /// A share source.
@@ -570,6 +637,17 @@ struct RawPolicy {
     services: IndexMap<String, Option<RawService>>,
     #[serde(default)]
     sources: IndexMap<String, RawSource>,
+    notify: Option<RawNotify>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawNotify {
+    url: Field,
+    format: Field,
+    on: Field,
+    timeout: Field,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -621,6 +699,8 @@ struct RawSource {
     // mirror
     hosts: Field,
     catch_all: Field,
+    identity_header: Field,
+    identities: Field,
     // share
     upstream: Field,
     path: Field,
@@ -648,7 +728,7 @@ struct RawPattern {
 /// Keys every source has.
 const COMMON_SOURCE_KEYS: &[&str] = &["kind", "unlocks", "max_ips", "idle_ttl", "max_age"];
 /// Keys only mirror sources have.
-const MIRROR_KEYS: &[&str] = &["hosts", "catch_all"];
+const MIRROR_KEYS: &[&str] = &["hosts", "catch_all", "identity_header", "identities"];
 /// Keys only share sources have.
 const SHARE_KEYS: &[&str] = &[
     "upstream",
@@ -884,6 +964,7 @@ impl RawPolicy {
                 "always_allow",
                 "services",
                 "sources",
+                "notify",
             ],
         );
         c.unknown(
@@ -1048,6 +1129,7 @@ impl RawPolicy {
             );
         }
 
+        let notify = self.notify.as_ref().and_then(|n| n.validate(&mut c));
         let state_file = c
             .path("state_file", &self.state_file)
             .unwrap_or_else(|| PathBuf::from("./data/state.json"));
@@ -1078,7 +1160,72 @@ impl RawPolicy {
             always_allow,
             services,
             sources,
+            notify,
             legacy,
+        })
+    }
+}
+
+impl RawNotify {
+    fn validate(&self, c: &mut Checker<'_>) -> Option<Notify> {
+        c.unknown("notify", &self.unknown, &["url", "format", "on", "timeout"]);
+        let url = match c.text("notify.url", &self.url) {
+            None => {
+                if self.url.is_none() {
+                    c.problem("notify.url", "missing: where to POST notifications");
+                }
+                None
+            }
+            Some(u) => match u.parse::<http::Uri>() {
+                Ok(uri)
+                    if matches!(uri.scheme_str(), Some("http" | "https"))
+                        && uri.authority().is_some() =>
+                {
+                    Some(uri)
+                }
+                _ => {
+                    c.problem("notify.url", format!("`{u}` is not an http(s) URL"));
+                    None
+                }
+            },
+        };
+        let format = match c.text("notify.format", &self.format).as_deref() {
+            None | Some("json") => NotifyFormat::Json,
+            Some("ntfy") => NotifyFormat::Ntfy,
+            Some(other) => {
+                c.problem(
+                    "notify.format",
+                    format!("`{other}` is not a notification format (json or ntfy)"),
+                );
+                NotifyFormat::Json
+            }
+        };
+        let on = match c.texts("notify.on", &self.on) {
+            None => EventKind::ALL.to_vec(),
+            Some(names) => {
+                let mut on = Vec::new();
+                for (i, n) in names.iter().enumerate() {
+                    match EventKind::ALL.iter().find(|k| k.as_str() == n) {
+                        Some(k) => on.push(*k),
+                        None => c.problem(
+                            format!("notify.on[{i}]"),
+                            format!(
+                                "`{n}` is not an event (grant, expire, revoke, evict, throttle)"
+                            ),
+                        ),
+                    }
+                }
+                on
+            }
+        };
+        let timeout = c
+            .duration("notify.timeout", &self.timeout)
+            .unwrap_or(Duration::from_secs(5));
+        Some(Notify {
+            url: url?,
+            format,
+            on,
+            timeout,
         })
     }
 }
@@ -1155,7 +1302,7 @@ impl RawSource {
                 for field in self.keys_set(SHARE_KEYS) {
                     c.problem(format!("{key}.{field}"), "only share sources have this key");
                 }
-                self.mirror(key, name, host_owner, c)
+                self.mirror(key, name, &unlocks, host_owner, c)
             }
             Some("share") => {
                 for field in self.keys_set(MIRROR_KEYS) {
@@ -1196,6 +1343,8 @@ impl RawSource {
         let set = |k: &str| match k {
             "hosts" => self.hosts.is_some(),
             "catch_all" => self.catch_all.is_some(),
+            "identity_header" => self.identity_header.is_some(),
+            "identities" => self.identities.is_some(),
             "upstream" => self.upstream.is_some(),
             "path" => self.path.is_some(),
             "patterns" => self.patterns.is_some(),
@@ -1216,9 +1365,62 @@ impl RawSource {
         &self,
         key: &str,
         name: &str,
+        unlocks: &[String],
         host_owner: &mut BTreeMap<String, String>,
         c: &mut Checker<'_>,
     ) -> SourceKind {
+        let identity_header = c
+            .text(&format!("{key}.identity_header"), &self.identity_header)
+            .and_then(
+                |h| match http::HeaderName::from_bytes(h.trim().as_bytes()) {
+                    Ok(name) => Some(name),
+                    Err(_) => {
+                        c.problem(
+                            format!("{key}.identity_header"),
+                            format!("`{h}` is not a header name"),
+                        );
+                        None
+                    }
+                },
+            );
+        let mut identities = BTreeMap::new();
+        match &self.identities {
+            None => {}
+            Some(Value::Dict(_, rules)) => {
+                if identity_header.is_none() {
+                    c.problem(
+                        format!("{key}.identities"),
+                        "needs identity_header: the header in which the proxy passes the certificate subject",
+                    );
+                }
+                for (subject, services) in rules {
+                    let rkey = format!("{key}.identities.{subject}");
+                    let cn = subject.trim().strip_prefix("CN=").unwrap_or(subject.trim());
+                    if cn.is_empty() {
+                        c.problem(&rkey, "an empty CN matches nobody");
+                        continue;
+                    }
+                    let list = c.texts(&rkey, &Some(services.clone())).unwrap_or_default();
+                    for (i, svc) in list.iter().enumerate() {
+                        if !unlocks.contains(svc) {
+                            c.problem(
+                                format!("{rkey}[{i}]"),
+                                format!(
+                                    "`{svc}` is not unlocked by this source (unlocks: {}); an identity can only narrow what its source unlocks",
+                                    unlocks.join(", ")
+                                ),
+                            );
+                        }
+                    }
+                    identities.insert(cn.to_string(), list);
+                }
+            }
+            Some(other) => c.wrong_type(
+                &format!("{key}.identities"),
+                "a mapping of certificate subjects to service lists",
+                other,
+            ),
+        }
         let catch_all = c
             .flag(&format!("{key}.catch_all"), &self.catch_all)
             .unwrap_or(false);
@@ -1255,7 +1457,12 @@ impl RawSource {
                 "a mirror source needs at least one host (the Host of the mirrored requests)",
             );
         }
-        SourceKind::Mirror(Mirror { hosts, catch_all })
+        SourceKind::Mirror(Mirror {
+            hosts,
+            catch_all,
+            identity_header,
+            identities,
+        })
     }
 
     fn share(&self, key: &str, c: &mut Checker<'_>) -> Option<SourceKind> {

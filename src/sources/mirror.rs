@@ -38,6 +38,51 @@ pub fn source_for_host<'a>(active: &'a Active, host: Option<&str>) -> Option<&'a
         .map(String::as_str)
 }
 
+/// Longest identity kept: a CN is at most 64 characters (RFC 5280 ub-common-name).
+pub const MAX_IDENTITY_LEN: usize = 64;
+
+/// The client certificate's CN from the header the proxy passes it in: a DN (`CN=alice,O=Home`
+/// from nginx or Caddy, `/O=Home/CN=alice` from older nginx) or Traefik's URL-encoded info
+/// header (`Subject="CN=alice,O=Home";Issuer=...`). `None` when absent or unreadable.
+pub fn identity(headers: &HeaderMap, header: &http::HeaderName) -> Option<String> {
+    let raw = headers.get(header)?.to_str().ok()?;
+    let decoded = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()?;
+    // Traefik: take the first certificate's Subject; elsewhere the value is the DN itself.
+    let dn = match decoded.find("Subject=\"") {
+        Some(i) => decoded[i + 9..].split('"').next()?,
+        None => decoded.as_ref(),
+    };
+    common_name(dn)
+}
+
+/// The CN of a distinguished name, unescaping `\,`; separators `,`, `/`, `+`, `;`.
+fn common_name(dn: &str) -> Option<String> {
+    let mut rest = dn;
+    loop {
+        let i = rest.find("CN=")?;
+        let at_start = i == 0 || matches!(rest.as_bytes()[i - 1], b',' | b'/' | b'+' | b';' | b' ');
+        rest = &rest[i + 3..];
+        if !at_start {
+            continue;
+        }
+        let mut cn = String::new();
+        let mut chars = rest.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => cn.extend(chars.next()),
+                ',' | '/' | '+' | ';' | '"' => break,
+                c => cn.push(c),
+            }
+        }
+        let cn = cn.trim().to_string();
+        let printable = cn.chars().all(|c| !c.is_control());
+        return (!cn.is_empty() && printable && cn.chars().count() <= MAX_IDENTITY_LEN)
+            .then_some(cn);
+    }
+}
+
 /// Grant the client of a mirrored request. 200 for a trusted peer whatever the client turned out
 /// to be (the proxy discards the answer); 403 for anyone else, who is told nothing more.
 pub fn record(
@@ -50,7 +95,14 @@ pub fn record(
     let xff = headers.get_all("x-forwarded-for");
     match active.client_ip.network_to_grant(peer, xff) {
         Ok(network) => {
-            gate.record(source, network, None);
+            let who = match active.policy.sources.get(source).map(|s| &s.kind) {
+                Some(crate::policy::SourceKind::Mirror(m)) => m
+                    .identity_header
+                    .as_ref()
+                    .and_then(|h| identity(headers, h)),
+                _ => None,
+            };
+            gate.record(source, network, who.as_deref());
             StatusCode::OK
         }
         Err(crate::client_ip::Refusal::UntrustedPeer(_)) => {
@@ -67,6 +119,40 @@ pub fn record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn identities_from_every_proxys_header() {
+        let h = http::HeaderName::from_static("x-client-subject");
+        let cases = [
+            // nginx $ssl_client_s_dn (RFC 2253) and Caddy's subject
+            ("CN=alice,O=Home,C=DE", Some("alice")),
+            ("O=Home,CN=bob", Some("bob")),
+            // nginx $ssl_client_s_dn_legacy
+            ("/C=DE/O=Home/CN=carol", Some("carol")),
+            ("CN=Doe\\, Jane,O=Home", Some("Doe, Jane")),
+            // Traefik passTLSClientCert info, URL-encoded
+            (
+                "Subject%3D%22CN%3Ddave%2CO%3DHome%22%3BIssuer%3D%22CN%3DHome%20CA%22",
+                Some("dave"),
+            ),
+            // not a CN: OU=XCN=... must not match
+            ("OU=XCN=evil,O=Home", None),
+            ("O=Home", None),
+            ("", None),
+        ];
+        for (value, want) in cases {
+            let mut headers = HeaderMap::new();
+            headers.insert(&h, http::HeaderValue::from_str(value).unwrap());
+            assert_eq!(identity(&headers, &h).as_deref(), want, "{value}");
+        }
+        let mut long = HeaderMap::new();
+        long.insert(
+            &h,
+            http::HeaderValue::from_str(&format!("CN={}", "a".repeat(65))).unwrap(),
+        );
+        assert_eq!(identity(&long, &h), None);
+        assert_eq!(identity(&HeaderMap::new(), &h), None);
+    }
 
     #[test]
     fn hosts_are_normalised() {

@@ -378,6 +378,9 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 // The forward-auth flow
 // ---------------------------------------------------------------------------------------------
 
+/// Longest a valid link waits for its grant to reach the state file before answering 503.
+pub const MAX_PERSIST_WAIT: Duration = Duration::from_secs(5);
+
 /// Longest a new grant waits for the proxy to see it (Traefik API polling).
 pub const MAX_PROPAGATION_WAIT: Duration = Duration::from_secs(5);
 
@@ -431,7 +434,7 @@ pub async fn forward_auth(
     let url = match check_url(share, uri) {
         Ok(url) => url,
         Err(why) => {
-            finish(gate, state, key, true, limits, source);
+            finish(gate, active, key, true, source);
             gate.metrics().share_check(source, "refused");
             debug!(%client, source, %why, "share link refused before any check");
             return (StatusCode::FORBIDDEN, "not a share link\n");
@@ -455,11 +458,11 @@ pub async fn forward_auth(
     };
     match verdict {
         Verdict::Valid => {
-            finish(gate, state, key, false, limits, source);
+            finish(gate, active, key, false, source);
             gate.metrics().share_check(source, "valid");
         }
         Verdict::Invalid(status) => {
-            finish(gate, state, key, true, limits, source);
+            finish(gate, active, key, true, source);
             gate.metrics().share_check(source, "invalid");
             debug!(%client, source, status, "share link invalid");
             return (StatusCode::FORBIDDEN, "invalid share link\n");
@@ -491,25 +494,40 @@ pub async fn forward_auth(
     let Some((_, generation)) = gate.record(source, network, None) else {
         return (StatusCode::NOT_FOUND, "no such share source\n");
     };
-    // Acknowledge only what survives a crash.
-    gate.persisted(generation).await;
+    // Acknowledge only what survives a crash; a state file that cannot be written means no 200.
+    if tokio::time::timeout(MAX_PERSIST_WAIT, gate.persisted(generation))
+        .await
+        .is_err()
+    {
+        warn!(source, %network, "the grant is not on disk; answering 503 (see /healthz)");
+        return (StatusCode::SERVICE_UNAVAILABLE, "grant not persisted\n");
+    }
     if !newly.is_empty() {
         propagate(gate, active, network, &newly, generation).await;
     }
     (StatusCode::OK, "granted\n")
 }
 
-fn finish(
-    gate: &Gate,
-    state: &ShareState,
-    key: IpNet,
-    failed: bool,
-    limits: &ShareCheck,
-    source: &str,
-) {
+/// Report a check's outcome to the throttle; a failure that starts a ban is logged, counted and
+/// notified.
+fn finish(gate: &Gate, active: &Active, key: IpNet, failed: bool, source: &str) {
+    let (Some(state), Some(crate::policy::SourceKind::Share(share))) = (
+        active.shares.get(source),
+        active.policy.sources.get(source).map(|s| &s.kind),
+    ) else {
+        return;
+    };
+    let limits = &share.check;
     if state.throttle.finish(key, failed, limits, gate.now()) {
         info!(client = %key, source, ban = ?limits.ban, "throttled: too many failed share checks");
         gate.metrics().throttled(source);
+        gate.notify(
+            active,
+            crate::policy::EventKind::Throttle,
+            source,
+            key,
+            None,
+        );
     }
 }
 
