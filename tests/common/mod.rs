@@ -7,6 +7,7 @@
 
 // Each test binary uses its own part of the harness.
 #![allow(dead_code)]
+pub mod proxies;
 pub mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet};
