@@ -87,6 +87,21 @@ async fn unclaimed(State(gate): State<Gate>, req: Request) -> Response {
     }
 }
 
+/// 404 naming what was asked for (printable and bounded, since anyone may ask), without listing
+/// the policy's other names.
+fn not_in_policy(what: &str, name: &str) -> Response {
+    let shown: String = name
+        .chars()
+        .filter(char::is_ascii_graphic)
+        .take(64)
+        .collect();
+    (
+        StatusCode::NOT_FOUND,
+        format!("no {what} `{shown}` in the policy\n"),
+    )
+        .into_response()
+}
+
 /// `/share/{source}`: forward-auth for a share link (the URI in `X-Forwarded-Uri`).
 async fn share_check(
     State(gate): State<Gate>,
@@ -96,17 +111,7 @@ async fn share_check(
 ) -> Response {
     let active = gate.active();
     if !active.shares.contains_key(&source) {
-        // Named back, but the policy's other names are not listed to whoever asks.
-        let shown: String = source
-            .chars()
-            .filter(char::is_ascii_graphic)
-            .take(64)
-            .collect();
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no share source `{shown}` in the policy\n"),
-        )
-            .into_response();
+        return not_in_policy("share source", &source);
     }
     share::forward_auth(&gate, &active, &source, peer.ip(), &headers)
         .await
@@ -123,11 +128,7 @@ async fn allow(
 ) -> Response {
     let snapshot = gate.snapshot();
     let Some(list) = snapshot.service(&service) else {
-        return (
-            StatusCode::NOT_FOUND,
-            format!("no service `{service}` in the policy\n"),
-        )
-            .into_response();
+        return not_in_policy("service", &service);
     };
     let active = gate.active();
     let client = match active
