@@ -4,7 +4,8 @@
 //! Reads (decisions, a known client's refresh) load the snapshot and take no lock. Changes lock
 //! the ledger briefly, swap in a new snapshot and bump a change counter that wakes the flusher.
 //! The flusher persists the state file first and writes the Traefik file second, so anything a
-//! proxy was ever shown is already on disk.
+//! proxy was ever shown is already on disk; while the state file cannot be written, the proxy is
+//! shown only entries it already holds (revocations and expiries still go through).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -166,7 +167,7 @@ impl Gate {
                 continue;
             }
             // The policy may have grown its trusted or always-allowed ranges since.
-            if let Err(why) = active.client_ip.grantable(net.addr()) {
+            if let Err(why) = active.client_ip.grantable_network(net) {
                 restored
                     .dropped
                     .push(format!("{net} of source `{}`: {why}", e.source));
