@@ -14,6 +14,11 @@ fn phone_with_certificate_reaches_what_its_source_unlocks() {
 }
 
 #[test]
+fn certificate_subject_is_the_identity_and_a_rule_narrows_it() {
+    flows::certificate_subject_is_the_identity_and_a_rule_narrows_it(PROXY);
+}
+
+#[test]
 fn stranger_is_refused_whatever_it_claims() {
     flows::stranger_is_refused_whatever_it_claims(PROXY);
 }

@@ -35,11 +35,29 @@ pub const INSTALL_HINT: &str = "apt-get install -y nginx-light caddy";
 pub enum Cert {
     /// No certificate at all.
     None,
-    /// Signed by the CA the trusted site requires.
+    /// Signed by the CA the trusted site requires: the owner's, `CN=alice`.
     Valid,
+    /// Signed by the same CA for someone else: `CN=bob`.
+    Second,
     /// Self-signed: a certificate, but not one the trusted site accepts.
     Foreign,
 }
+
+impl Cert {
+    /// The CN in the certificate's subject, which gatekeeper records as the entry's identity.
+    pub fn common_name(self) -> Option<&'static str> {
+        match self {
+            Cert::None => None,
+            Cert::Valid => Some("alice"),
+            Cert::Second => Some("bob"),
+            Cert::Foreign => Some("client"),
+        }
+    }
+}
+
+/// The header in which the deploy configs pass the client certificate's subject to gatekeeper
+/// (a mirror source's `identity_header`).
+pub const SUBJECT_HEADER: &str = "X-Client-Subject";
 
 /// A client: the loopback address it connects from (its "public IP") and its certificate.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +107,16 @@ pub const CLOUD_VIEWER: Client = Client {
 pub const GUESSER: Client = Client {
     ip: "127.0.0.8",
     cert: Cert::None,
+};
+/// Someone else's phone, with a certificate of their own from the same CA.
+pub const BOB: Client = Client {
+    ip: "127.0.0.9",
+    cert: Cert::Second,
+};
+/// The owner's laptop, with the owner's certificate (the phone's).
+pub const LAPTOP: Client = Client {
+    ip: "127.0.0.10",
+    cert: Cert::Valid,
 };
 
 /// An Immich share key (67 characters, as Immich makes them) starting with `tag`.
@@ -186,14 +214,18 @@ fn tail(text: &str, lines: usize) -> String {
 // Certificates
 // ---------------------------------------------------------------------------------------------
 
-/// A CA, a server certificate for the three site names, a client certificate signed by the CA
-/// and a self-signed client certificate. EC P-256: quick to make.
+/// A CA, a server certificate for the three site names, two client certificates signed by the
+/// CA (for two people) and a self-signed client certificate. EC P-256: quick to make.
 pub struct Certs {
     pub ca: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    /// [`Cert::Valid`].
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// [`Cert::Second`].
+    pub second_cert: PathBuf,
+    pub second_key: PathBuf,
     pub foreign_cert: PathBuf,
     pub foreign_key: PathBuf,
 }
@@ -226,20 +258,30 @@ impl Certs {
             ),
         );
         let leaf = "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n";
-        let extensions = [
+        let client = format!("{leaf}extendedKeyUsage=clientAuth\n");
+        let cn = |cert: Cert| cert.common_name().expect("a certificate has a CN");
+        // (file name, subject, extensions); the subjects carry an O so the DN the proxies pass
+        // has more than the CN in it.
+        let leaves = [
             (
                 "server",
+                "/CN=server".to_string(),
                 format!(
                     "{leaf}extendedKeyUsage=serverAuth\nsubjectAltName=DNS:{HA},DNS:{PHOTOS},DNS:{CLOUD}\n"
                 ),
             ),
-            ("client", format!("{leaf}extendedKeyUsage=clientAuth\n")),
+            (
+                "client",
+                format!("/O=Home/CN={}", cn(Cert::Valid)),
+                client.clone(),
+            ),
+            ("second", format!("/O=Home/CN={}", cn(Cert::Second)), client),
         ];
-        for (serial, (name, extensions)) in (2..).zip(extensions) {
+        for (serial, (name, subject, extensions)) in (2..).zip(leaves) {
             std::fs::write(dir.join(format!("{name}.ext")), extensions).expect("write extensions");
             run_openssl(
                 dir,
-                &format!("req -new {new_key} -keyout {name}.key -out {name}.csr -subj /CN={name}"),
+                &format!("req -new {new_key} -keyout {name}.key -out {name}.csr -subj {subject}"),
             );
             run_openssl(
                 dir,
@@ -253,8 +295,9 @@ impl Certs {
         run_openssl(
             dir,
             &format!(
-                "req -x509 {new_key} -days 2 -keyout foreign.key -out foreign.pem -subj /CN=client \
-                 -addext extendedKeyUsage=clientAuth"
+                "req -x509 {new_key} -days 2 -keyout foreign.key -out foreign.pem -subj /CN={} \
+                 -addext extendedKeyUsage=clientAuth",
+                cn(Cert::Foreign)
             ),
         );
         Certs {
@@ -263,6 +306,8 @@ impl Certs {
             server_key: dir.join("server.key"),
             client_cert: dir.join("client.pem"),
             client_key: dir.join("client.key"),
+            second_cert: dir.join("second.pem"),
+            second_key: dir.join("second.key"),
             foreign_cert: dir.join("foreign.pem"),
             foreign_key: dir.join("foreign.key"),
         }
@@ -762,6 +807,7 @@ fn curl_get(
     let pair = match client.cert {
         Cert::None => None,
         Cert::Valid => Some((&certs.client_cert, &certs.client_key)),
+        Cert::Second => Some((&certs.second_cert, &certs.second_key)),
         Cert::Foreign => Some((&certs.foreign_cert, &certs.foreign_key)),
     };
     if let Some((cert, key)) = pair {
@@ -802,6 +848,11 @@ pub struct Options {
     pub idle_ttl: &'static str,
     /// `max_failures` of the share sources.
     pub max_failures: u32,
+    /// `unlocks` of the mirror source, as YAML.
+    pub mirror_unlocks: &'static str,
+    /// `identities` of the mirror source, as YAML (`{ "CN=alice": [immich] }`); when set, the
+    /// source also reads the certificate subject from [`SUBJECT_HEADER`].
+    pub identities: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -809,18 +860,25 @@ impl Default for Options {
         Options {
             idle_ttl: "1h",
             max_failures: 3,
+            mirror_unlocks: "[immich]",
+            identities: None,
         }
     }
 }
 
 /// The policy: gatekeeper on a fixed port (the proxy config points at it, restarts keep it),
-/// trusting only the proxy, nothing always allowed, no Traefik. The mirror source unlocks Immich
-/// only, so the phone's reach is visibly limited.
+/// trusting only the proxy, nothing always allowed, no Traefik. By default the mirror source
+/// unlocks Immich only, so the phone's reach is visibly limited.
 fn policy(port: u16, apps: &Apps, o: Options) -> String {
     let Options {
         idle_ttl,
         max_failures,
+        mirror_unlocks,
+        identities,
     } = o;
+    let identities = identities
+        .map(|rules| format!("\n    identity_header: {SUBJECT_HEADER}\n    identities: {rules}"))
+        .unwrap_or_default();
     format!(
         "listen: 127.0.0.1:{port}
 admin: {{ listen: 127.0.0.1:0 }}
@@ -833,8 +891,8 @@ sources:
   home-assistant:
     kind: mirror
     hosts: [{HA}]
-    unlocks: [immich]
-    idle_ttl: {idle_ttl}
+    unlocks: {mirror_unlocks}
+    idle_ttl: {idle_ttl}{identities}
   immich-share:
     kind: share
     upstream: http://{immich}
@@ -1038,6 +1096,30 @@ impl Stack {
         });
     }
 
+    /// The identity on `client`'s entry from `source` in the state file, once there is one
+    /// (`None` for an entry without an identity); waits up to [`SOON`] for the entry.
+    pub fn wait_identity(&self, source: &str, client: Client) -> Option<String> {
+        let path = self.gatekeeper_dir.join("data/state.json");
+        let network = client.network();
+        wait_for(&format!("{source}'s entry for {network}"), SOON, || {
+            let text = std::fs::read_to_string(&path).map_err(|e| e.to_string())?;
+            let state: serde_json::Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("state file is not JSON ({e}):\n{text}"));
+            let entries = state["entries"]
+                .as_array()
+                .unwrap_or_else(|| panic!("state file has no entries list:\n{text}"));
+            let entry = entries
+                .iter()
+                .find(|e| e["source"] == source && e["network"] == network.as_str())
+                .ok_or_else(|| format!("{text}\n{}", self.logs()))?;
+            Ok(match &entry["identity"] {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(id) => Some(id.clone()),
+                other => panic!("entry with a non-string identity {other}:\n{text}"),
+            })
+        })
+    }
+
     /// kill -9 gatekeeper.
     pub fn kill_gatekeeper(&mut self) {
         let mut daemon = self.gatekeeper.take().expect("gatekeeper is running");
@@ -1111,6 +1193,64 @@ pub mod flows {
         assert_body(&reply, "immich /photos/1");
         stack.expect(PHONE, CLOUD, "/", 403);
         stack.wait_grants(&[("home-assistant", PHONE)]);
+    }
+
+    /// The subject of the certificate that passed the trusted site's check reaches gatekeeper
+    /// through the proxy and ends up on the entry as its identity, and an `identities` rule
+    /// narrows what that identity unlocks: alice (the phone and the laptop) reaches Immich only,
+    /// bob, with no rule, everything the source unlocks. A subject header the client sends itself
+    /// decides nothing.
+    pub fn certificate_subject_is_the_identity_and_a_rule_narrows_it(proxy: Proxy) {
+        let stack = Stack::start(
+            proxy,
+            Options {
+                mirror_unlocks: "[immich, nextcloud]",
+                identities: Some(r#"{ "CN=alice": [immich] }"#),
+                ..Options::default()
+            },
+        );
+        let source = "home-assistant";
+
+        stack.expect(PHONE, HA, "/", 200);
+        stack.wait_status(PHONE, PHOTOS, "/", 200, ASYNC);
+        stack.expect(PHONE, CLOUD, "/", 403);
+        assert_eq!(
+            stack.wait_identity(source, PHONE).as_deref(),
+            Some("alice"),
+            "{}",
+            stack.logs()
+        );
+
+        stack.expect(BOB, HA, "/", 200);
+        let reply = stack.wait_status(BOB, PHOTOS, "/", 200, ASYNC);
+        assert_body(&reply, "immich /");
+        let reply = stack.expect(BOB, CLOUD, "/", 200);
+        assert_body(&reply, "nextcloud /");
+        assert_eq!(
+            stack.wait_identity(source, BOB).as_deref(),
+            Some("bob"),
+            "{}",
+            stack.logs()
+        );
+
+        // alice's certificate with bob's subject claimed in the header the proxy sets, twice and
+        // in two spellings (HTTP/1.1 keeps the case), from an address never seen before: the
+        // entry it makes shows what gatekeeper was told.
+        let exact = format!("{SUBJECT_HEADER}: CN=bob");
+        let lower = format!("{}: O=Home,CN=bob", SUBJECT_HEADER.to_ascii_lowercase());
+        let forged = ["--http1.1", "-H", &exact, "-H", &lower];
+        stack.expect_with(LAPTOP, HA, "/", &forged, 200);
+        stack.wait_status(LAPTOP, PHOTOS, "/", 200, ASYNC);
+        stack.expect(LAPTOP, CLOUD, "/", 403);
+        assert_eq!(
+            stack.wait_identity(source, LAPTOP).as_deref(),
+            Some("alice"),
+            "{}",
+            stack.logs()
+        );
+
+        stack.expect(PHONE, CLOUD, "/", 403);
+        stack.wait_grants(&[(source, PHONE), (source, BOB), (source, LAPTOP)]);
     }
 
     /// A never-seen address gets 403 on every hidden site, whatever forwarding headers it
