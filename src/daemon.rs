@@ -56,6 +56,7 @@ pub async fn run(
     source: PolicySource,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    survive_file_size_limit();
     let entries = gate::load_state(&policy)?;
     let token = admin::load_token(&policy)?;
     if policy.legacy {
@@ -148,6 +149,28 @@ async fn watch_policy(gate: Gate, source: PolicySource, stop: impl Future<Output
                 info!(why, removed = removed.len(), "policy reloaded");
             }
             Err(e) => error!(why, "policy not reloaded, the running one is kept: {e}"),
+        }
+    }
+}
+
+/// A write past the file-size limit (RLIMIT_FSIZE) raises SIGXFSZ, whose default action ends the
+/// process. Listening for it replaces that action, so the write fails with EFBIG instead and is
+/// reported and retried like any other output failure.
+fn survive_file_size_limit() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::from_raw(libc::SIGXFSZ)) {
+            Ok(mut s) => {
+                tokio::spawn(async move {
+                    while s.recv().await.is_some() {
+                        warn!("a write went past the file-size limit (SIGXFSZ)");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot handle SIGXFSZ; a file-size limit would end gatekeeper")
+            }
         }
     }
 }

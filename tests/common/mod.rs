@@ -240,6 +240,11 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Is the process still running?
+    pub fn child_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Everything logged to stderr so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
