@@ -96,7 +96,7 @@ pub async fn run(
     info!(%admin_addr, "admin listener ready");
     let addr = listeners.proxy.local_addr()?;
     info!(%addr, origin = %gate.active().policy.origin, "listening");
-    server::serve(listeners.proxy, http::router(gate.clone()), shutdown).await;
+    server::serve_connections(listeners.proxy, http::proxy(gate.clone()), shutdown).await;
 
     info!("shutting down: flushing state");
     let _ = stop_tx.send(true);

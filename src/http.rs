@@ -1,26 +1,38 @@
-//! The proxy-facing router: mirrored requests (claimed by their Host before any route), share
+//! The proxy-facing listener: mirrored requests (claimed by their Host before any route), share
 //! forward-auth, allow decisions, the Traefik HTTP provider and the legacy share endpoint. Only
 //! peers inside `trusted_proxies` are believed.
+//!
+//! The two hot paths, mirrored requests and `/allow/{service}`, are answered by [`Proxy`] straight
+//! from hyper's request; everything else goes through the axum [`router`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use axum::routing::future::RouteFuture;
 use axum::routing::{any, get};
-use http::{HeaderMap, StatusCode, header};
+use http::{HeaderMap, StatusCode, Uri, header};
+use hyper::body::{Body as _, Incoming};
 
 use crate::client_ip::Refusal;
-use crate::gate::Gate;
+use crate::gate::{Active, Gate};
 use crate::metrics::Endpoint;
 use crate::policy::SourceKind;
 use crate::sinks::traefik_file;
 use crate::sources::{mirror, share};
 
-/// The router for the proxy-facing listener. Requests must carry `ConnectInfo<SocketAddr>`
-/// (see [`crate::server::serve`]).
+/// The router for the proxy-facing listener, every endpoint included. Requests must carry
+/// `ConnectInfo<SocketAddr>` (see [`crate::server::serve`]). The daemon serves it behind
+/// [`Proxy`], which answers the hot paths before it.
 pub fn router(gate: Gate) -> Router {
     Router::new()
         .route("/share/{source}", any(share_check))
@@ -32,31 +44,173 @@ pub fn router(gate: Gate) -> Router {
         .with_state(gate)
 }
 
+/// The proxy-facing service of one connection. Mirrored requests and `/allow/{service}` (every
+/// request of the trusted service; every request to every protected service behind nginx or
+/// Caddy) are answered here, as [`router`] would answer them, but without its per-request
+/// boxing, extraction and `ConnectInfo` extension, which cost about a fifth of gatekeeper's
+/// throughput (see the README's Performance section). Anything else goes to the router.
+#[derive(Clone)]
+pub struct Proxy {
+    gate: Gate,
+    router: Router,
+    peer: SocketAddr,
+}
+
+/// Makes the [`Proxy`] of each connection, for [`crate::server::serve_connections`].
+pub fn proxy(gate: Gate) -> impl FnMut(SocketAddr) -> Proxy + Send + 'static {
+    let router = router(gate.clone());
+    move |peer| Proxy {
+        gate: gate.clone(),
+        router: router.clone(),
+        peer,
+    }
+}
+
+impl hyper::service::Service<http::Request<Incoming>> for Proxy {
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Answer;
+
+    fn call(&self, mut req: http::Request<Incoming>) -> Answer {
+        if let Some(response) = self.hot_path(&req) {
+            drain(req.into_body());
+            return Answer::Ready(Some(response));
+        }
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        Answer::Routed(tower::Service::call(&mut self.router.clone(), req))
+    }
+}
+
+impl Proxy {
+    /// The answer to a mirrored request or an allow decision; `None` leaves the request to the
+    /// router (which also judges the `/allow/` paths that are not one plain segment).
+    fn hot_path(&self, req: &http::Request<Incoming>) -> Option<Response> {
+        let active = self.gate.active();
+        let (uri, headers) = (req.uri(), req.headers());
+        if let Some(response) = claim_mirrored(&self.gate, &active, uri, headers, Some(self.peer)) {
+            return Some(response);
+        }
+        let service = allow_service(uri.path())?;
+        let response = allow_answer(&self.gate, &active, self.peer, &service, headers);
+        self.gate
+            .metrics()
+            .request(Endpoint::Allow, response.status().as_u16());
+        Some(response)
+    }
+}
+
+/// Bodies up to this size are left to hyper, which drains by itself a body already in its buffer
+/// (sent with the headers, as proxies send small ones). Spawning a drain for each of them cost
+/// the mirror path an eighth of its throughput (see the README's Performance section).
+const BUFFERED_BODY: u64 = 4 * 1024;
+/// Larger bodies answered without being read are drained up to this size (Traefik's suggested
+/// mirror `maxBodySize`)...
+const DRAIN_LIMIT: u64 = 64 * 1024;
+/// ... within this time; past either, the connection is closed instead.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Read and discard, after the answer, the body of a request answered without it, so that the
+/// proxy's connection stays open for its next request: hyper closes a keep-alive connection when
+/// an unread body is not already in its buffer (one sent after the headers, or larger than one
+/// read). Bounded by [`DRAIN_LIMIT`] and [`DRAIN_TIME`]; nothing is kept.
+fn drain(mut body: Incoming) {
+    let size = body.size_hint();
+    if body.is_end_stream()
+        || size.upper().is_some_and(|n| n <= BUFFERED_BODY)
+        || size.lower() > DRAIN_LIMIT
+    {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut read = 0u64;
+        let discard = std::future::poll_fn(|cx| {
+            loop {
+                match ready!(Pin::new(&mut body).poll_frame(cx)) {
+                    Some(Ok(frame)) => {
+                        read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                        if read > DRAIN_LIMIT {
+                            return Poll::Ready(());
+                        }
+                    }
+                    _ => return Poll::Ready(()),
+                }
+            }
+        });
+        let _ = tokio::time::timeout(DRAIN_TIME, discard).await;
+    });
+}
+
+/// `{service}` of `/allow/{service}`, percent-decoded as the router's `Path` does; `None` for
+/// other paths and for those the router should judge (empty, nested, not UTF-8 once decoded).
+fn allow_service(path: &str) -> Option<Cow<'_, str>> {
+    let segment = path.strip_prefix("/allow/")?;
+    if segment.is_empty() || segment.contains('/') {
+        return None;
+    }
+    percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .ok()
+}
+
+/// The future of a [`Proxy`] answer: already made (hot paths), or the router's.
+pub enum Answer {
+    /// Answered without the router; taken when polled.
+    Ready(Option<Response>),
+    /// The router's answer.
+    Routed(RouteFuture<Infallible>),
+}
+
+impl Future for Answer {
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Answer::Ready(response) => Poll::Ready(Ok(response
+                .take()
+                .expect("an answer is polled once it is ready"))),
+            Answer::Routed(future) => Pin::new(future).poll(cx),
+        }
+    }
+}
+
 type Peer = ConnectInfo<SocketAddr>;
 
 fn peer(req: &Request) -> Option<SocketAddr> {
     req.extensions().get::<Peer>().map(|c| c.0)
 }
 
-/// A request whose Host belongs to a mirror source is that source's, whatever its path: answer
-/// before any route sees it, and without reading the body. Every request is counted here.
+/// Claims mirrored requests before any route sees them, and counts every request.
 async fn mirrored(State(gate): State<Gate>, req: Request, next: Next) -> Response {
     let active = gate.active();
-    if !active.mirror_hosts.is_empty() {
-        let host = mirror::request_host_of(req.uri(), req.headers());
-        if let Some(source) = mirror::source_for_host(&active, host.as_deref()) {
-            let status = match peer(&req) {
-                Some(peer) => mirror::record(&gate, &active, source, peer.ip(), req.headers()),
-                None => StatusCode::FORBIDDEN,
-            };
-            gate.metrics().request(Endpoint::Mirror, status.as_u16());
-            return status.into_response();
-        }
+    if let Some(response) = claim_mirrored(&gate, &active, req.uri(), req.headers(), peer(&req)) {
+        return response;
     }
     let endpoint = endpoint_of(req.uri().path(), active.catch_all.is_some());
     let response = next.run(req).await;
     gate.metrics().request(endpoint, response.status().as_u16());
     response
+}
+
+/// A request whose Host belongs to a mirror source is that source's, whatever its path: its
+/// answer (counted), given at once and without reading the body; `None` when no source claims it.
+fn claim_mirrored(
+    gate: &Gate,
+    active: &Active,
+    uri: &Uri,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> Option<Response> {
+    if active.mirror_hosts.is_empty() {
+        return None;
+    }
+    let host = mirror::request_host_of(uri, headers);
+    let source = mirror::source_for_host(active, host.as_deref())?;
+    let status = match peer {
+        Some(peer) => mirror::record(gate, active, source, peer.ip(), headers),
+        None => StatusCode::FORBIDDEN,
+    };
+    gate.metrics().request(Endpoint::Mirror, status.as_u16());
+    Some(status.into_response())
 }
 
 /// Which endpoint a path not claimed by Host is, for request counts.
@@ -118,19 +272,29 @@ async fn share_check(
         .into_response()
 }
 
-/// `/allow/{service}`: 200 when the client is on the service's allow list, 403 otherwise. Judged
-/// on the same snapshot the file is rendered from, without a lock.
+/// `/allow/{service}` through the router (see [`allow_answer`]).
 async fn allow(
     State(gate): State<Gate>,
     ConnectInfo(peer): Peer,
     Path(service): Path<String>,
     headers: HeaderMap,
 ) -> Response {
+    allow_answer(&gate, &gate.active(), peer, &service, &headers)
+}
+
+/// `/allow/{service}`: 200 when the client is on the service's allow list, 403 otherwise, 404 for
+/// an unknown service. Judged on the same snapshot the file is rendered from, without a lock.
+fn allow_answer(
+    gate: &Gate,
+    active: &Active,
+    peer: SocketAddr,
+    service: &str,
+    headers: &HeaderMap,
+) -> Response {
     let snapshot = gate.snapshot();
-    let Some(list) = snapshot.service(&service) else {
-        return not_in_policy("service", &service);
+    let Some(list) = snapshot.service(service) else {
+        return not_in_policy("service", service);
     };
-    let active = gate.active();
     let client = match active
         .client_ip
         .resolve(peer.ip(), headers.get_all("x-forwarded-for"))

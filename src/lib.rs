@@ -20,7 +20,8 @@
 //! - [`gate`]: the shared runtime handle tying policy, ledger, snapshot and outputs together,
 //!   plus the background tasks (expiry, output flushing).
 //! - [`admin`]: the admin listener: health, metrics, entries API, status page.
-//! - [`http`]: the proxy-facing router; [`server`]: the accept loop that serves it.
+//! - [`http`]: the proxy-facing listener: its hot paths, then its router; [`server`]: the accept
+//!   loop that serves it.
 //! - [`daemon`]: `serve`: restore, start the background tasks, serve, flush at shutdown.
 //! - [`labels`]: the snippets `gatekeeper labels` prints for Traefik, nginx and Caddy.
 //! - [`cli`]: the command line, `check` and `render`; `main.rs` only dispatches.

@@ -52,8 +52,17 @@ pub struct Metrics {
 
 fn bump(map: &Labelled, labels: &[&str]) {
     let mut m = map.lock().unwrap_or_else(PoisonError::into_inner);
-    *m.entry(labels.iter().map(|s| s.to_string()).collect())
-        .or_default() += 1;
+    // A label set seen before is found without allocating its key (every grant and eviction
+    // under churn comes here); the maps hold a few entries per source.
+    let known = m
+        .iter_mut()
+        .find(|(key, _)| key.len() == labels.len() && key.iter().zip(labels).all(|(k, l)| k == l));
+    match known {
+        Some((_, n)) => *n += 1,
+        None => {
+            m.insert(labels.iter().map(|s| s.to_string()).collect(), 1);
+        }
+    }
 }
 
 impl Metrics {

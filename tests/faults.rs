@@ -114,8 +114,9 @@ fn file_size_limit_is_survived_and_recovered_from() {
     assert_eq!(allow_status(daemon.addr, "immich", "198.51.100.3"), 200);
     // The entries expire, the content fits again, the outputs recover with no help.
     wait_health(admin, 200);
-    let lists = setup.lists();
-    assert_eq!(lists["gatekeeper-immich"], vec!["0.0.0.0/32"]);
+    setup.wait_lists("every entry expired and written", SOON, |l| {
+        l["gatekeeper-immich"] == vec!["0.0.0.0/32".to_string()]
+    });
     let (status, _) = daemon.terminate();
     assert!(status.success());
 }

@@ -5,6 +5,8 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -418,4 +420,66 @@ fn idle_ttl_expires_entries_with_no_request_arriving() {
     // The state file is written before the Traefik file.
     assert_eq!(setup.state_entries(), vec![], "state file after expiry");
     assert!(daemon.log().contains("expired"), "{}", daemon.log());
+}
+
+/// The status of the next response on `reader` (its head only: mirror answers have no body);
+/// `None` when the connection was closed (or reset) instead.
+fn next_status(reader: &mut impl BufRead) -> Option<u16> {
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) => return None,
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+        Err(e) => panic!("no answer and no close: {e}"),
+    }
+    let status = line.get(9..12).and_then(|s| s.parse().ok());
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+            return status;
+        }
+    }
+}
+
+/// A proxy may send a mirrored request's body after its headers. The answer never waits for it,
+/// and a body of up to 64 KiB is then drained, so the proxy's connection stays open for its next
+/// request; a larger one closes the connection, as hyper does with any unread body.
+#[test]
+fn a_body_sent_after_the_answer_keeps_the_connection_open_up_to_a_bound() {
+    let setup = Setup::new(THREE_SERVICES);
+    let daemon = setup.start();
+    let post = |client: &str, len: usize| {
+        format!(
+            "POST / HTTP/1.1\r\nHost: ha.example.com\r\nX-Forwarded-For: {client}\r\n\
+             Content-Length: {len}\r\n\r\n"
+        )
+    };
+    let mut stream = TcpStream::connect(daemon.addr).unwrap();
+    stream.set_read_timeout(Some(SOON)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for client in ["198.51.100.31", "198.51.100.32", "198.51.100.33"] {
+        stream.write_all(post(client, 20_000).as_bytes()).unwrap();
+        assert_eq!(
+            next_status(&mut reader),
+            Some(200),
+            "{client}: answered first"
+        );
+        stream.write_all(&[b'x'; 20_000]).unwrap();
+    }
+    setup.wait_lists("the three clients", SOON, |l| {
+        l["gatekeeper-immich"].len() == 3
+    });
+
+    stream
+        .write_all(post("198.51.100.34", 100_000).as_bytes())
+        .unwrap();
+    assert_eq!(next_status(&mut reader), Some(200), "answered first");
+    // The server may already have closed its side: the write can fail.
+    let _ = stream.write_all(&[b'x'; 100_000]);
+    let _ = stream.write_all(post("198.51.100.35", 0).as_bytes());
+    assert_eq!(
+        next_status(&mut reader),
+        None,
+        "closed after an undrained body"
+    );
 }

@@ -1,7 +1,9 @@
 //! The mirror source: the proxy mirrors the trusted service's traffic (mTLS already checked) to
 //! gatekeeper; a request whose Host belongs to a mirror source grants its client. The answer is
-//! 200 at once and the body is never read: the proxy discards mirror responses anyway.
+//! 200 at once and the body is never used (see `crate::http` for how it is drained): the proxy
+//! discards mirror responses anyway.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use http::{HeaderMap, StatusCode, header};
@@ -11,7 +13,7 @@ use crate::gate::{Active, Gate};
 
 /// The request's host, lower-case, without port or trailing dot: the absolute-form URI's
 /// authority when present (it wins over `Host` in HTTP/1.1), else the `Host` header.
-pub fn request_host_of(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
+pub fn request_host_of<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<Cow<'a, str>> {
     let raw = match uri.authority() {
         Some(a) => a.as_str(),
         None => headers.get(header::HOST)?.to_str().ok()?,
@@ -19,8 +21,9 @@ pub fn request_host_of(uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
     Some(normalise_host(raw))
 }
 
-/// `HA.Example.com:443` → `ha.example.com`; `[::1]:80` → `::1`.
-pub fn normalise_host(raw: &str) -> String {
+/// `HA.Example.com:443` → `ha.example.com`; `[::1]:80` → `::1`. Borrowed when already
+/// lower-case, as proxies send it: this runs on every request.
+pub fn normalise_host(raw: &str) -> Cow<'_, str> {
     let raw = raw.trim();
     // Credentials in an authority (`user@host`) are never part of the host.
     let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
@@ -29,7 +32,12 @@ pub fn normalise_host(raw: &str) -> String {
     } else {
         raw.split_once(':').map_or(raw, |(h, _)| h)
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 /// The mirror source that claims a request with this host, if any.
