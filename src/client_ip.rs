@@ -325,8 +325,6 @@ fn parse_port(text: &str) -> Option<u16> {
 mod tests {
     use super::*;
     use http::HeaderValue;
-    use std::io::Write;
-    use std::sync::Arc;
 
     const TRUSTED: &[&str] = &[
         "127.0.0.0/8",
@@ -818,52 +816,20 @@ mod tests {
         }
     }
 
-    /// A writer that keeps everything logged, for checking what was warned.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
-    fn trusted_proxy_as_client_warns_once_per_address() {
-        let captured = Captured::default();
-        let writer = captured.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
-            .with_ansi(false)
-            .with_writer(move || writer.clone())
-            .finish();
+    fn trusted_proxy_as_client_is_remembered_once_per_address() {
+        // The warning's text is checked against the real binary's log (tests/mirror.rs): a log
+        // capture inside this multi-threaded test binary races with tracing's global callsite
+        // cache.
         let r = resolver(64);
-        tracing::subscriber::with_default(subscriber, || {
-            // Another test thread may have registered the warn! callsite while no subscriber
-            // wanted it; recompute interest now that this one is in place.
-            tracing::callsite::rebuild_interest_cache();
-            for _ in 0..3 {
-                let _ = r.network_to_grant(ip("172.17.0.1"), []);
-                let _ = r.network_to_grant(ip("10.0.0.2"), &headers(&[b"10.0.0.9"]));
-                // Other refusals stay below warning level.
-                let _ = r.network_to_grant(ip("198.51.100.1"), []);
-                let _ = r.network_to_grant(ip("10.0.0.2"), &headers(&[b"unknown"]));
-            }
-        });
+        for _ in 0..3 {
+            let _ = r.network_to_grant(ip("172.17.0.1"), []);
+            let _ = r.network_to_grant(ip("10.0.0.2"), &headers(&[b"10.0.0.9"]));
+            // Other refusals are not warnings.
+            let _ = r.network_to_grant(ip("198.51.100.1"), []);
+            let _ = r.network_to_grant(ip("10.0.0.2"), &headers(&[b"unknown"]));
+        }
         assert_eq!(r.warned_count(), 2);
-        let logged = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(
-            logged.matches("hiding client addresses").count(),
-            2,
-            "{logged}"
-        );
-        assert_eq!(logged.lines().count(), 2, "{logged}");
-        assert!(logged.contains("proxy=172.17.0.1"), "{logged}");
-        assert!(logged.contains("proxy=10.0.0.9"), "{logged}");
     }
 
     #[test]

@@ -389,7 +389,7 @@ fn untrusted_peer_is_refused_whatever_its_forwarding_header_says() {
         setup.state_entries()
     );
     assert_eq!(setup.lists()["gatekeeper-immich"], strings(&["0.0.0.0/32"]));
-    assert!(!log.contains("granted"), "{log}");
+    assert!(!log.contains(": granted source="), "{log}");
 }
 
 #[test]
@@ -482,4 +482,34 @@ fn a_body_sent_after_the_answer_keeps_the_connection_open_up_to_a_bound() {
         None,
         "closed after an undrained body"
     );
+}
+
+#[test]
+fn a_trusted_proxy_as_the_client_is_warned_about_once_per_address() {
+    let setup = Setup::new(
+        "services:\n  immich: {}\nsources:\n  ha:\n    kind: mirror\n    hosts: [ha.example.com]\n    unlocks: \"*\"\n",
+    );
+    let daemon = setup.start();
+    for _ in 0..3 {
+        // No X-Forwarded-For: the client is the peer itself, 127.0.0.1, a trusted proxy.
+        assert_eq!(
+            send_raw(daemon.addr, request(Some("ha.example.com"), &[]))
+                .unwrap()
+                .status,
+            200
+        );
+        assert_eq!(mirror(daemon.addr, "ha.example.com", "10.0.0.9"), 200);
+    }
+    let log = wait_for("two warnings in the log", SOON, || {
+        let log = daemon.log();
+        (log.matches("hiding client addresses").count() >= 2)
+            .then(|| log.clone())
+            .ok_or(log)
+    });
+    assert_eq!(log.matches("hiding client addresses").count(), 2, "{log}");
+    assert!(
+        log.contains("127.0.0.1") && log.contains("10.0.0.9"),
+        "{log}"
+    );
+    assert!(!log.contains(": granted source="), "{log}");
 }
