@@ -16,19 +16,6 @@ use common::*;
 const HA: &str = "services:\n  immich: {}\n  nextcloud: {}\n\
                   sources:\n  ha:\n    kind: mirror\n    hosts: [ha.example.com]\n    unlocks: \"*\"\n";
 
-fn admin_addr(daemon: &Daemon) -> SocketAddr {
-    wait_for("the `admin_addr=` log line", SOON, || {
-        let log = daemon.log();
-        log.lines()
-            .find_map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("admin_addr="))
-            })
-            .and_then(|a| a.parse().ok())
-            .ok_or(log)
-    })
-}
-
 /// `/healthz`: status and body.
 fn health(admin: SocketAddr) -> (u16, String) {
     let a = Request::new("GET", "/healthz").send(admin);
@@ -49,7 +36,7 @@ fn traefik_file_that_is_a_directory_then_repaired() {
     let setup = Setup::new(HA);
     std::fs::create_dir_all(&setup.traefik).unwrap(); // the target path is a directory
     let daemon = setup.start();
-    let admin = admin_addr(&daemon);
+    let admin = daemon.admin_addr();
     let body = wait_health(admin, 503);
     assert!(body.contains("gatekeeper.yml"), "{body}");
     // Decisions keep coming from memory.
@@ -70,7 +57,7 @@ fn traefik_file_that_is_a_directory_then_repaired() {
 fn directory_that_vanishes_then_comes_back() {
     let setup = Setup::new(HA);
     let daemon = setup.start();
-    let admin = admin_addr(&daemon);
+    let admin = daemon.admin_addr();
     wait_health(admin, 200);
     let dir = setup.traefik.parent().unwrap().to_path_buf();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -97,7 +84,7 @@ fn file_size_limit_is_survived_and_recovered_from() {
         &["--config", "gatekeeper.yaml"],
         &[],
     );
-    let admin = admin_addr(&daemon);
+    let admin = daemon.admin_addr();
     wait_health(admin, 200);
     for i in 1..=10 {
         assert_eq!(

@@ -30,20 +30,6 @@ sources:
     max_age: 48h
 "#;
 
-/// The daemon's admin address, from its `admin_addr=` log line.
-fn admin_addr(daemon: &Daemon) -> SocketAddr {
-    wait_for("the `admin_addr=` log line", SOON, || {
-        let log = daemon.log();
-        log.lines()
-            .find_map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("admin_addr="))
-            })
-            .and_then(|a| a.parse().ok())
-            .ok_or(log)
-    })
-}
-
 /// Grant through the admin API; panics unless it answers 201.
 fn grant(admin: SocketAddr, source: &str, address: &str) {
     let body = format!(r#"{{"source":"{source}","address":"{address}","ttl":"2h"}}"#);
@@ -137,7 +123,7 @@ fn status_page_shows_every_service_and_entry_in_chromium() {
         &["--config", "gatekeeper.yaml"],
         &[("GATEKEEPER_ADMIN__TOKEN", TOKEN)],
     );
-    let admin = admin_addr(&daemon);
+    let admin = daemon.admin_addr();
     assert_eq!(mirror(daemon.addr, "ha.example.com", "203.0.113.5"), 200);
     grant(admin, "home-assistant", "2001:db8:5::1");
     grant(admin, "nextcloud-share", "203.0.113.77");

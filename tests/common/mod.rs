@@ -240,6 +240,20 @@ impl Daemon {
         self.child.id()
     }
 
+    /// The admin listener's address, from the `admin_addr=` log line.
+    pub fn admin_addr(&self) -> SocketAddr {
+        wait_for("the `admin_addr=` log line", SOON, || {
+            let log = self.log();
+            log.lines()
+                .find_map(|l| {
+                    l.split_whitespace()
+                        .find_map(|w| w.strip_prefix("admin_addr="))
+                })
+                .and_then(|a| a.parse().ok())
+                .ok_or(log)
+        })
+    }
+
     /// Is the process still running?
     pub fn child_alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
