@@ -429,15 +429,17 @@ fn revoke_address(
 // Health and metrics
 // ---------------------------------------------------------------------------------------------
 
-/// 200 `ok`, or 503 with the reason when the last output write failed.
+/// 200 `ok`, or 503 with one line per problem (failing outputs, an unreachable shared store).
 async fn healthz(State(admin): State<Admin>) -> Response {
-    match admin.gate.output_error() {
-        None => (StatusCode::OK, "ok\n").into_response(),
-        Some(e) => (
+    let problems = admin.gate.problems();
+    if problems.is_empty() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("outputs failing: {e}\n"),
+            format!("{}\n", problems.join("\n")),
         )
-            .into_response(),
+            .into_response()
     }
 }
 
@@ -478,10 +480,13 @@ async fn metrics(State(admin): State<Admin>) -> Response {
 /// `/`: who is allowed where, and how full each source is. Read-only, no script.
 async fn status_page(State(admin): State<Admin>) -> Response {
     let active = admin.gate.active();
+    let problems = admin.gate.problems();
     let page = render_status(
         &active.policy,
         &admin.gate.entries(),
-        admin.gate.output_error().as_deref(),
+        (!problems.is_empty())
+            .then(|| problems.join("; "))
+            .as_deref(),
         admin.gate.now(),
     );
     ([(header::CACHE_CONTROL, "no-store")], Html(page)).into_response()
@@ -564,7 +569,7 @@ footer{max-width:760px;margin:0 auto;padding:8px 16px 28px;color:var(--muted);fo
 pub fn render_status(
     policy: &Policy,
     entries: &[(String, Entry, Option<Millis>)],
-    output_error: Option<&str>,
+    problem: Option<&str>,
     now: Millis,
 ) -> String {
     let e = html_escape;
@@ -584,14 +589,10 @@ pub fn render_status(
         e(&at.replace('T', " ").replace('Z', " UTC")),
         at = e(&at),
     );
-    match output_error {
-        None => out.push_str("<p class=\"health ok\">✓ outputs written</p>"),
+    match problem {
+        None => out.push_str("<p class=\"health ok\">✓ healthy: outputs written</p>"),
         Some(why) => {
-            let _ = write!(
-                out,
-                "<p class=\"health bad\">✗ outputs failing: {}</p>",
-                e(why)
-            );
+            let _ = write!(out, "<p class=\"health bad\">✗ {}</p>", e(why));
         }
     }
     out.push_str("</header>\n<main>\n<h2>Services</h2>\n");

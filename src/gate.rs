@@ -7,7 +7,7 @@
 //! proxy was ever shown is already on disk; while the state file cannot be written, the proxy is
 //! shown only entries it already holds (revocations and expiries still go through).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -109,6 +109,10 @@ struct Inner {
     written: watch::Sender<u64>,
     /// What the proxy is shown (Traefik file, HTTP provider): only what the state file holds.
     shown: ArcSwap<Snapshot>,
+    /// Bumped each time `shown` is swapped; other sinks (Traefik's KV) watch it.
+    shown_changes: watch::Sender<u64>,
+    /// Problems other parts report for `/healthz` (the KV sink, the shared store), by part.
+    problems: Mutex<BTreeMap<&'static str, String>>,
     /// Client for share checks and Traefik API polls.
     http: reqwest::Client,
     /// Counters for `/metrics`.
@@ -206,6 +210,8 @@ impl Gate {
                 // Restored entries came from the state file: they may be shown at once.
                 shown: ArcSwap::new(snapshot.clone()),
                 snapshot: ArcSwap::new(snapshot),
+                shown_changes: watch::Sender::new(0),
+                problems: Mutex::new(BTreeMap::new()),
                 changes: watch::Sender::new(0),
                 persisted: watch::Sender::new(0),
                 written: watch::Sender::new(0),
@@ -232,6 +238,51 @@ impl Gate {
     /// the state file lacks. Decisions (`/allow`) use [`Gate::snapshot`] instead.
     pub fn shown(&self) -> Arc<Snapshot> {
         self.inner.shown.load_full()
+    }
+
+    /// Wakes whenever what the proxy is shown ([`Gate::shown`]) was swapped, for sinks that
+    /// render it elsewhere.
+    pub fn watch_shown(&self) -> watch::Receiver<u64> {
+        self.inner.shown_changes.subscribe()
+    }
+
+    /// Report the health of `part` (`None`: healthy); `/healthz` lists every unhealthy part.
+    /// A change is logged once.
+    pub fn report(&self, part: &'static str, problem: Option<String>) {
+        let mut problems = self
+            .inner
+            .problems
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match problem {
+            Some(p) => {
+                if problems.get(part) != Some(&p) {
+                    error!(part, problem = %p, "unhealthy");
+                }
+                problems.insert(part, p);
+            }
+            None => {
+                if problems.remove(part).is_some() {
+                    info!(part, "healthy again");
+                }
+            }
+        }
+    }
+
+    /// Everything unhealthy now: failing outputs and what other parts reported, one line each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .output_error()
+            .map(|e| format!("outputs failing: {e}"))
+            .into_iter()
+            .collect();
+        let reported = self
+            .inner
+            .problems
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        all.extend(reported.iter().map(|(part, p)| format!("{part}: {p}")));
+        all
     }
 
     /// The current time on the gate's clock.
@@ -689,6 +740,7 @@ impl OutputWriter {
             }))
         };
         gate.inner.shown.store(shown.clone());
+        gate.inner.shown_changes.send_modify(|n| *n += 1);
         let snapshot = shown;
 
         let mut written = true;

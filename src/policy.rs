@@ -40,6 +40,8 @@ pub struct Policy {
     pub sources: IndexMap<String, Source>,
     /// Where to send notifications of grants, expiries, revocations and bans.
     pub notify: Option<Notify>,
+    /// The shared ledger on Redis/Valkey; the state file is used when absent.
+    pub redis: Option<RedisStore>,
     /// True when built from `MAX_IP_LEN` / `DEFAULT_SOURCE_RANGE` instead of a policy file.
     pub legacy: bool,
 }
@@ -130,6 +132,48 @@ pub struct Traefik {
     /// After a new share grant is in the file, wait this long before answering (Traefik coalesces
     /// file events for 2 s) so the viewer's next request already passes.
     pub propagation_delay: Duration,
+    /// Traefik's KV (Redis) provider output; none when absent.
+    pub redis: Option<TraefikRedis>,
+}
+
+/// `redis:` — the ledger lives in Redis (or Valkey) instead of the state file, shared by every
+/// gatekeeper that names the same server and prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisStore {
+    /// `redis://[user:password@]host:port/db` (or `rediss://`).
+    pub url: String,
+    /// Every key gatekeeper uses starts with this and `:`.
+    pub key_prefix: String,
+}
+
+/// `traefik.redis:` — write each middleware in Traefik's KV layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraefikRedis {
+    /// `redis://host:port/db`, as Traefik's Redis provider reads it.
+    pub url: String,
+    /// Traefik's `rootKey` (default `traefik`).
+    pub root_key: String,
+}
+
+/// A Redis URL gatekeeper can use: `redis://` or `rediss://` with a host. The error names the
+/// value; credentials are not echoed.
+pub fn parse_redis_url(url: &str) -> Result<String, String> {
+    let shown = match url.split_once('@') {
+        Some((scheme_user, host)) => {
+            let scheme = scheme_user.split("://").next().unwrap_or("");
+            format!("{scheme}://…@{host}")
+        }
+        None => url.to_string(),
+    };
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(url.to_string()),
+        _ => Err(format!(
+            "`{shown}` is not a Redis URL (expected redis://host:6379/0 or rediss://…)"
+        )),
+    }
 }
 
 /// Default `traefik.propagation_delay`.
@@ -638,6 +682,17 @@ struct RawPolicy {
     #[serde(default)]
     sources: IndexMap<String, RawSource>,
     notify: Option<RawNotify>,
+    redis: Option<RawRedis>,
+    #[serde(flatten)]
+    unknown: Unknown,
+}
+
+/// `redis:` and `traefik.redis:` share a shape: a URL and a prefix (`key_prefix`, `root_key`).
+#[derive(Debug, Default, Deserialize)]
+struct RawRedis {
+    url: Field,
+    key_prefix: Field,
+    root_key: Field,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -669,6 +724,7 @@ struct RawTraefik {
     ip_strategy: Option<RawIpStrategy>,
     api: Field,
     propagation_delay: Field,
+    redis: Option<RawRedis>,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -965,6 +1021,7 @@ impl RawPolicy {
                 "services",
                 "sources",
                 "notify",
+                "redis",
             ],
         );
         c.unknown(
@@ -983,6 +1040,7 @@ impl RawPolicy {
                 "ip_strategy",
                 "api",
                 "propagation_delay",
+                "redis",
             ],
         );
 
@@ -1082,6 +1140,20 @@ impl RawPolicy {
                 .unwrap_or(DEFAULT_PROPAGATION_DELAY),
         };
         let file = c.path("traefik.file", &t.file);
+        let traefik_redis = t.redis.as_ref().and_then(|r| {
+            let (url, root_key) = r.validate("traefik.redis", "root_key", "traefik", &mut c)?;
+            Some(TraefikRedis { url, root_key })
+        });
+        let redis = self.redis.as_ref().and_then(|r| {
+            let (url, key_prefix) = r.validate("redis", "key_prefix", "gatekeeper", &mut c)?;
+            Some(RedisStore { url, key_prefix })
+        });
+        if legacy && redis.is_some() {
+            c.problem(
+                "redis",
+                "needs a policy file (legacy mode keeps its state in a file)",
+            );
+        }
 
         let mut services = IndexMap::new();
         if self.services.is_empty() {
@@ -1156,13 +1228,79 @@ impl RawPolicy {
                 ip_strategy,
                 api,
                 propagation_delay,
+                redis: traefik_redis,
             },
             always_allow,
             services,
             sources,
             notify,
+            redis,
             legacy,
         })
+    }
+}
+
+impl RawRedis {
+    /// The URL and the prefix (named `prefix_key`, `default` when absent) of `key`.
+    fn validate(
+        &self,
+        key: &str,
+        prefix_key: &str,
+        default: &str,
+        c: &mut Checker<'_>,
+    ) -> Option<(String, String)> {
+        c.unknown(key, &self.unknown, &["url", prefix_key]);
+        let (ours, other) = if prefix_key == "key_prefix" {
+            (&self.key_prefix, &self.root_key)
+        } else {
+            (&self.root_key, &self.key_prefix)
+        };
+        if other.is_some() {
+            let wrong = if prefix_key == "key_prefix" {
+                "root_key"
+            } else {
+                "key_prefix"
+            };
+            c.problem(
+                format!("{key}.{wrong}"),
+                format!("unknown key (did you mean `{prefix_key}`?)"),
+            );
+        }
+        let url_key = format!("{key}.url");
+        let url = match c.text(&url_key, &self.url) {
+            None => {
+                if self.url.is_none() {
+                    c.problem(&url_key, "missing: the server, e.g. redis://redis:6379/0");
+                }
+                None
+            }
+            Some(u) => match parse_redis_url(u.trim()) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    c.problem(&url_key, e);
+                    None
+                }
+            },
+        };
+        let prefix_field = format!("{key}.{prefix_key}");
+        let prefix = match ours {
+            None => default.to_string(),
+            v => c.text(&prefix_field, v).unwrap_or_default(),
+        };
+        let prefix_ok = !prefix.is_empty()
+            && prefix
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_' | '.' | '/' | ':'))
+            && !prefix.starts_with('/')
+            && !prefix.ends_with('/')
+            && !prefix.ends_with(':');
+        if !prefix_ok {
+            c.problem(
+                &prefix_field,
+                format!("`{prefix}` must be non-empty letters, digits, `-`, `_`, `.`, `/` or `:` (not ending in `/` or `:`)"),
+            );
+        }
+        Some((url?, prefix))
     }
 }
 

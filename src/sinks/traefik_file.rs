@@ -228,6 +228,7 @@ mod tests {
             ip_strategy,
             api: None,
             propagation_delay: std::time::Duration::ZERO,
+            redis: None,
         }
     }
 
