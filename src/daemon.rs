@@ -88,15 +88,33 @@ pub async fn run(
     if token.is_none() {
         info!("admin API is off: set admin.token_file or GATEKEEPER_ADMIN__TOKEN to turn it on");
     }
+    let counts = gate.metrics().connections.clone();
     let admin_task = tokio::spawn(server::serve(
         listeners.admin,
         admin::router(gate.clone(), token),
+        server::Budget::new(|_| server::Class::Admin, counts.clone()),
         stopped(),
     ));
     info!(%admin_addr, "admin listener ready");
     let addr = listeners.proxy.local_addr()?;
     info!(%addr, origin = %gate.active().policy.origin, "listening");
-    server::serve_connections(listeners.proxy, http::proxy(gate.clone()), shutdown).await;
+    let trusted = {
+        let gate = gate.clone();
+        move |ip| {
+            if gate.active().client_ip.is_trusted(ip) {
+                server::Class::Trusted
+            } else {
+                server::Class::Untrusted
+            }
+        }
+    };
+    server::serve_connections(
+        listeners.proxy,
+        http::proxy(gate.clone()),
+        server::Budget::new(trusted, counts),
+        shutdown,
+    )
+    .await;
 
     info!("shutting down: flushing state");
     let _ = stop_tx.send(true);

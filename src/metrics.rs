@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::server::{Class, ConnectionCounts};
 
 /// Proxy-facing endpoints, for request counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +50,8 @@ pub struct Metrics {
     share_checks: Labelled,
     throttled: Labelled,
     writes: Labelled,
+    /// Open and refused connections, counted by the accept loops.
+    pub connections: Arc<ConnectionCounts>,
 }
 
 fn bump(map: &Labelled, labels: &[&str]) {
@@ -163,6 +167,31 @@ impl Metrics {
                     "gatekeeper_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}"
                 );
             }
+        }
+        let classes = [Class::Trusted, Class::Untrusted, Class::Admin];
+        let _ = writeln!(
+            out,
+            "# HELP gatekeeper_connections_open Open connections, by class of peer (trusted proxy, untrusted, admin).\n# TYPE gatekeeper_connections_open gauge"
+        );
+        for class in classes {
+            let n = self.connections.open(class);
+            let _ = writeln!(
+                out,
+                "gatekeeper_connections_open{{class=\"{}\"}} {n}",
+                class.as_str()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP gatekeeper_connections_refused_total Connections closed at once because their class's budget was full.\n# TYPE gatekeeper_connections_refused_total counter"
+        );
+        for class in classes {
+            let n = self.connections.refused(class);
+            let _ = writeln!(
+                out,
+                "gatekeeper_connections_refused_total{{class=\"{}\"}} {n}",
+                class.as_str()
+            );
         }
         gauge(
             &mut out,

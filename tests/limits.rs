@@ -1,0 +1,191 @@
+//! Connection budgets and request-head limits on the proxy-facing listener: strangers get a small
+//! budget, little patience and one request per connection; the trusted proxy keeps being served
+//! while they hold every slot they can. Attackers connect from 127.0.0.2 and up (loopback, so the
+//! test needs no network), the policy trusts only 127.0.0.1.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::upstream::{Request, allow_status};
+use common::*;
+use socket2::{Domain, Socket, Type};
+
+const POLICY: &str = "trusted_proxies: [127.0.0.1/32]\n\
+                      services:\n  immich: {}\n\
+                      sources:\n  ha:\n    kind: mirror\n    hosts: [ha.example.com]\n    unlocks: \"*\"\n";
+
+/// The server's budget for untrusted peers (src/server.rs, UNTRUSTED_CONNECTIONS).
+const UNTRUSTED_BUDGET: usize = 128;
+
+/// A connection to `addr` from the loopback address `from`.
+fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::new(IpAddr::V4(from), 0).into())
+        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
+    socket
+        .connect_timeout(&addr.into(), SOON)
+        .unwrap_or_else(|e| panic!("connect from {from} to {addr}: {e}"));
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(SOON)).unwrap();
+    stream
+}
+
+/// Read until the server closes; returns what it sent and how long it took to close.
+fn read_to_close(mut stream: TcpStream) -> (Vec<u8>, Duration) {
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("reading after {:?}: {e}", start.elapsed()),
+        }
+    }
+    (got, start.elapsed())
+}
+
+fn metric(admin: SocketAddr, line_start: &str) -> u64 {
+    let body = Request::new("GET", "/metrics").send(admin).body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(line_start))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no `{line_start}` in /metrics:\n{body}"))
+}
+
+#[test]
+fn strangers_filling_their_budget_do_not_starve_the_proxy() {
+    let setup = Setup::new(POLICY);
+    let daemon = setup.start();
+    let admin = daemon.admin_addr();
+
+    // Strangers hold every untrusted slot with idle connections.
+    let idle: Vec<TcpStream> = (0..UNTRUSTED_BUDGET)
+        .map(|_| connect_from(Ipv4Addr::new(127, 0, 0, 2), daemon.addr))
+        .collect();
+    wait_for("every idle stranger to be counted", SOON, || {
+        let open = metric(admin, "gatekeeper_connections_open{class=\"untrusted\"}");
+        (open == UNTRUSTED_BUDGET as u64)
+            .then_some(())
+            .ok_or(open.to_string())
+    });
+
+    // One more stranger is closed at once, before anything is read.
+    let mut extra = connect_from(Ipv4Addr::new(127, 0, 0, 3), daemon.addr);
+    let _ = extra.write_all(&request(Some("ha.example.com"), &[]));
+    let (answer, took) = read_to_close(extra);
+    assert!(
+        answer.is_empty() && took < Duration::from_secs(1),
+        "an over-budget stranger got {:?} after {took:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert!(
+        metric(
+            admin,
+            "gatekeeper_connections_refused_total{class=\"untrusted\"}"
+        ) >= 1
+    );
+    assert!(daemon.log().contains("connection budget full"));
+
+    // The trusted proxy is still served, and its grant decides.
+    assert_eq!(mirror(daemon.addr, "ha.example.com", "198.51.100.7"), 200);
+    assert_eq!(allow_status(daemon.addr, "immich", "198.51.100.7"), 200);
+
+    // A stranger that sends nothing is dropped after the short header timeout (3 s), which
+    // frees the budget: a new stranger is answered (403: not a trusted proxy) again.
+    let (_, took) = read_to_close(idle.into_iter().next().unwrap());
+    assert!(
+        took < Duration::from_secs(5),
+        "an idle stranger was kept {took:?}"
+    );
+    wait_for("a stranger to be answered again", SOON, || {
+        let s = connect_from(Ipv4Addr::new(127, 0, 0, 3), daemon.addr);
+        let mut w = s.try_clone().unwrap();
+        let _ = w.write_all(b"GET /allow/immich HTTP/1.1\r\nHost: x\r\n\r\n");
+        let (answer, _) = read_to_close(s);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        text.starts_with("HTTP/1.1 403").then_some(()).ok_or(text)
+    });
+}
+
+#[test]
+fn a_stranger_gets_one_request_per_connection_and_little_patience() {
+    let setup = Setup::new(POLICY);
+    let daemon = setup.start();
+
+    // Two pipelined requests: one answer, then the connection is closed.
+    let s = connect_from(Ipv4Addr::new(127, 0, 0, 2), daemon.addr);
+    let mut w = s.try_clone().unwrap();
+    w.write_all(
+        b"GET /allow/immich HTTP/1.1\r\nHost: x\r\n\r\nGET /allow/immich HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .unwrap();
+    let (answer, _) = read_to_close(s);
+    let text = String::from_utf8_lossy(&answer);
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "{text}");
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+
+    // Headers sent a byte at a time never finish: dropped after 3 s, not the proxy's 10 s.
+    let s = connect_from(Ipv4Addr::new(127, 0, 0, 2), daemon.addr);
+    let mut w = s.try_clone().unwrap();
+    let start = Instant::now();
+    w.write_all(b"GET / HTTP/1.1\r\nHost: ha.example.com\r\nX-Slow: ")
+        .unwrap();
+    let dripper = std::thread::spawn(move || {
+        while w.write_all(b"a").is_ok() && start.elapsed() < Duration::from_secs(12) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let (_, took) = read_to_close(s);
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "slow headers of a stranger were cut after {took:?}"
+    );
+    dripper.join().unwrap();
+
+    // The trusted proxy keeps its connection open between requests.
+    let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 1), daemon.addr);
+    for client in ["198.51.100.1", "198.51.100.2"] {
+        s.write_all(
+            format!("GET / HTTP/1.1\r\nHost: ha.example.com\r\nX-Forwarded-For: {client}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = s.read(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    }
+}
+
+#[test]
+fn oversized_request_heads_are_refused_with_431() {
+    let setup = Setup::new(POLICY);
+    let daemon = setup.start();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: ha.example.com\r\nX-Forwarded-For: 198.51.100.9\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let answer = send_raw(daemon.addr, big.into_bytes()).expect("an answer to a 64 KiB head");
+    assert_eq!(answer.status, 431, "{}", answer.head);
+    // Nothing was granted from it, and a head under the limit (24 KiB of cookies) still works.
+    assert_eq!(allow_status(daemon.addr, "immich", "198.51.100.9"), 403);
+    let fine = format!(
+        "GET / HTTP/1.1\r\nHost: ha.example.com\r\nX-Forwarded-For: 198.51.100.9\r\nCookie: {}\r\nConnection: close\r\n\r\n",
+        "c".repeat(24 * 1024)
+    );
+    assert_eq!(
+        send_raw(daemon.addr, fine.into_bytes()).unwrap().status,
+        200
+    );
+    assert_eq!(allow_status(daemon.addr, "immich", "198.51.100.9"), 200);
+}
