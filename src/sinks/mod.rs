@@ -1,4 +1,5 @@
-//! Sinks: where the effective allow lists go. Each renders a pure string from a
-//! [`Snapshot`](crate::ledger::Snapshot); writing it is a separate small step.
+//! Sinks: where the effective allow lists go. Each renders a [`Snapshot`](crate::ledger::Snapshot)
+//! purely (a string, or Traefik's KV pairs); writing it is a separate small step.
 
 pub mod traefik_file;
+pub mod traefik_redis;

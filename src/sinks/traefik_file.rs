@@ -109,26 +109,27 @@ pub fn write(path: &Path, contents: &str) -> Result<Written, WriteError> {
     atomic_file::write_if_changed(path, contents.as_bytes())
 }
 
-/// One middleware, as both renderers emit it.
-struct Middleware {
-    name: String,
+/// One middleware, as every renderer (YAML, JSON, Traefik's KV) emits it.
+pub(crate) struct Middleware {
+    pub(crate) name: String,
     /// `ipAllowList` or `ipWhiteList`.
-    kind: &'static str,
+    pub(crate) kind: &'static str,
     /// Never empty: [`DENY_ALL_SENTINEL`] stands in for "nobody".
-    source_range: Vec<String>,
-    deny_all: bool,
-    ip_strategy: Option<Strategy>,
+    pub(crate) source_range: Vec<String>,
+    pub(crate) deny_all: bool,
+    pub(crate) ip_strategy: Option<Strategy>,
 }
 
 /// The `ipStrategy` fields that are set and that this Traefik version knows.
 #[derive(Clone)]
-struct Strategy {
-    depth: Option<u32>,
-    excluded_ips: Vec<String>,
-    ipv6_subnet: Option<u8>,
+pub(crate) struct Strategy {
+    pub(crate) depth: Option<u32>,
+    pub(crate) excluded_ips: Vec<String>,
+    pub(crate) ipv6_subnet: Option<u8>,
 }
 
-fn middlewares(snapshot: &Snapshot, traefik: &Traefik) -> Vec<Middleware> {
+/// The middlewares of `snapshot`, in snapshot order: the single source every renderer uses.
+pub(crate) fn middlewares(snapshot: &Snapshot, traefik: &Traefik) -> Vec<Middleware> {
     let kind = match traefik.version {
         TraefikVersion::V2 => "ipWhiteList",
         TraefikVersion::V3 => "ipAllowList",
