@@ -8,6 +8,7 @@
 // Each test binary uses its own part of the harness.
 #![allow(dead_code)]
 pub mod proxies;
+pub mod redis;
 pub mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet};
