@@ -126,6 +126,9 @@ pub enum ApiError {
     /// The grant is in memory but not yet in the state file.
     #[error("the grant is not on disk yet (the state file cannot be written); see /healthz")]
     NotPersisted,
+    /// The shared store did not take the grant.
+    #[error("the grant was not stored: {0}; see /healthz")]
+    NotStored(String),
 }
 
 impl ApiError {
@@ -135,7 +138,7 @@ impl ApiError {
             ApiError::Off => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::NotPersisted => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotPersisted | ApiError::NotStored(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -343,7 +346,7 @@ async fn grant(State(admin): State<Admin>, body: Bytes) -> Result<Response, ApiE
         .as_deref()
         .map(|t| policy::parse_duration(t).map_err(|e| ApiError::BadRequest(format!("ttl: {e}"))))
         .transpose()?;
-    let generation = admin
+    let durable = admin
         .gate
         .grant(&req.source, network, ttl)
         .map_err(|e| match e {
@@ -353,11 +356,10 @@ async fn grant(State(admin): State<Admin>, body: Bytes) -> Result<Response, ApiE
             }
             e @ GrantError::TooWide(_) => ApiError::BadRequest(e.to_string()),
         })?;
-    if tokio::time::timeout(PERSIST_TIMEOUT, admin.gate.persisted(generation))
-        .await
-        .is_err()
-    {
-        return Err(ApiError::NotPersisted);
+    match tokio::time::timeout(PERSIST_TIMEOUT, admin.gate.persisted(durable)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(why)) => return Err(ApiError::NotStored(why)),
+        Err(_) => return Err(ApiError::NotPersisted),
     }
     info!(source = %req.source, %network, ttl = req.ttl.as_deref(), "admin API grant");
     let entry = admin
@@ -468,7 +470,17 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        admin.gate.metrics().render(&by_source, &by_service),
+        {
+            let mut text = admin.gate.metrics().render(&by_source, &by_service);
+            if let Some(shared) = admin.gate.shared() {
+                text.push_str(&format!(
+                    "# HELP gatekeeper_redis_up Whether the shared store (Redis) answered last time.\n\
+                     # TYPE gatekeeper_redis_up gauge\ngatekeeper_redis_up {}\n",
+                    u8::from(shared.is_up())
+                ));
+            }
+            text
+        },
     )
         .into_response()
 }

@@ -136,10 +136,17 @@ pub fn summary(policy: &Policy) -> String {
         out,
         "\nservices: reference the middleware on each service's routers"
     );
+    // The provider Traefik reads the middleware from: its KV (Redis) provider when gatekeeper
+    // writes only there.
+    let provider = if policy.traefik.file.is_none() && policy.traefik.redis.is_some() {
+        "redis"
+    } else {
+        "file"
+    };
     for (name, service) in &policy.services {
         let _ = write!(
             out,
-            "  {name:<16} {}@file",
+            "  {name:<16} {}@{provider}",
             policy.traefik.middleware_name(name)
         );
         if !service.always_allow.is_empty() {
@@ -177,7 +184,27 @@ pub fn summary(policy: &Policy) -> String {
             let _ = writeln!(out, "  traefik file     none (traefik.file is not set)");
         }
     }
-    let _ = writeln!(out, "  state file       {}", policy.state_file.display());
+    if let Some(kv) = &policy.traefik.redis {
+        let _ = writeln!(
+            out,
+            "  traefik KV       {} under {}/http/middlewares ({kind})",
+            policy::without_password(&kv.url),
+            kv.root_key
+        );
+    }
+    match &policy.redis {
+        Some(r) => {
+            let _ = writeln!(
+                out,
+                "  shared ledger    {} under {}: (the state file is not used)",
+                policy::without_password(&r.url),
+                r.key_prefix
+            );
+        }
+        None => {
+            let _ = writeln!(out, "  state file       {}", policy.state_file.display());
+        }
+    }
     if !policy.always_allow.is_empty() {
         let _ = writeln!(
             out,
@@ -217,6 +244,14 @@ pub fn render(
     env: &BTreeMap<String, String>,
 ) -> anyhow::Result<(String, Vec<String>)> {
     let policy = policy::load(location, env)?;
+    if let Some(r) = &policy.redis {
+        anyhow::bail!(
+            "the ledger of {} is in Redis ({}), not in a state file: ask a running gatekeeper \
+             (`gatekeeper list`, or GET /traefik/dynamic.json on its listener)",
+            location.path.display(),
+            policy::without_password(&r.url)
+        );
+    }
     let entries = store::load(&policy.state_file)?;
     let (gate, restored) = Gate::new(policy, entries);
     let active = gate.active();

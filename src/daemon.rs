@@ -57,7 +57,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     survive_file_size_limit();
-    let entries = gate::load_state(&policy)?;
+    // With a shared store the ledger lives in Redis; the state file is neither read nor written.
+    let entries = if policy.redis.is_some() {
+        gate::prepare_outputs(&policy)?;
+        Vec::new()
+    } else {
+        gate::load_state(&policy)?
+    };
     let token = admin::load_token(&policy)?;
     if policy.legacy {
         warn!(
@@ -81,8 +87,24 @@ pub async fn run(
         }
     };
     let outputs = tokio::spawn(gate.clone().run_outputs(stopped()));
-    let expiry = tokio::spawn(gate.clone().run_expiry(stopped()));
+    // The shared store's task expires entries (in Redis, or locally while it is unreachable).
+    let expiry = match gate.shared() {
+        None => tokio::spawn(gate.clone().run_expiry(stopped())),
+        Some(_) => tokio::spawn(crate::shared_store::run(gate.clone(), stopped())),
+    };
+    if let Some(shared) = gate.shared() {
+        let url = &shared.shown_url;
+        if tokio::time::timeout(Duration::from_secs(3), shared.synced())
+            .await
+            .is_ok()
+        {
+            info!(store = %url, entries = gate.entries().len(), "ledger read from the shared store");
+        } else {
+            warn!(store = %url, "shared store not reachable yet: starting with an empty ledger (nobody is allowed until it is)");
+        }
+    }
     let reloader = tokio::spawn(watch_policy(gate.clone(), source, stopped()));
+    let kv_sink = tokio::spawn(crate::sinks::traefik_redis::run(gate.clone(), stopped()));
 
     let admin_addr = listeners.admin.local_addr()?;
     if token.is_none() {
@@ -122,6 +144,7 @@ pub async fn run(
     let _ = reloader.await;
     let _ = expiry.await;
     let _ = outputs.await;
+    let _ = kv_sink.await;
     if let Some(e) = gate.output_error() {
         anyhow::bail!("the last output write failed: {e}");
     }

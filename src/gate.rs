@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::notify::{Event, Notifier};
 use crate::policy::EventKind;
 use crate::policy::Policy;
+use crate::shared_store::{self, GrantReply, Until};
 use crate::sinks::traefik_file;
 use crate::sources::share::{self, ShareState};
 use crate::store::{self, StoreError, StoredEntry};
@@ -113,6 +114,8 @@ struct Inner {
     shown_changes: watch::Sender<u64>,
     /// Problems other parts report for `/healthz` (the KV sink, the shared store), by part.
     problems: Mutex<BTreeMap<&'static str, String>>,
+    /// The shared ledger on Redis, when the policy has `redis:` (fixed until a restart).
+    shared: Option<shared_store::Handle>,
     /// Client for share checks and Traefik API polls.
     http: reqwest::Client,
     /// Counters for `/metrics`.
@@ -120,6 +123,15 @@ struct Inner {
     /// The last output failure, for health reporting; `None` when healthy.
     output_error: Mutex<Option<String>>,
     clock: fn() -> Millis,
+}
+
+/// How to learn that a grant is durable (in the state file, or in the shared store).
+#[derive(Debug)]
+pub enum Durable {
+    /// Durable once the state file holds this change.
+    Change(u64),
+    /// Durable when the shared store answers.
+    Shared(tokio::sync::oneshot::Receiver<GrantReply>),
 }
 
 /// Why an operator's grant was refused.
@@ -203,6 +215,7 @@ impl Gate {
         }
         restored.kept = ledger.entries().len();
         let snapshot = Arc::new(ledger.snapshot(&active.policy));
+        let shared = active.policy.redis.as_ref().map(shared_store::Handle::new);
         let gate = Gate {
             inner: Arc::new(Inner {
                 active: ArcSwap::from_pointee(active),
@@ -212,6 +225,7 @@ impl Gate {
                 snapshot: ArcSwap::new(snapshot),
                 shown_changes: watch::Sender::new(0),
                 problems: Mutex::new(BTreeMap::new()),
+                shared,
                 changes: watch::Sender::new(0),
                 persisted: watch::Sender::new(0),
                 written: watch::Sender::new(0),
@@ -308,19 +322,28 @@ impl Gate {
         source: &str,
         network: IpNet,
         identity: Option<&str>,
-    ) -> Option<(Recorded, u64)> {
+    ) -> Option<(Recorded, Durable)> {
         let now = self.now();
         // A known client whose identity did not change is refreshed without the lock.
         if let Some(live) = self.inner.snapshot.load().live(source, &network)
             && (identity.is_none() || live.identity.as_deref() == identity)
         {
             live.activity.touch(now);
-            return Some((Recorded::Known, *self.inner.changes.borrow()));
+            return Some((
+                Recorded::Known,
+                Durable::Change(*self.inner.changes.borrow()),
+            ));
         }
         let active = self.active();
+        if let Some(shared) = &self.inner.shared {
+            active.policy.sources.get(source)?;
+            let reply = shared.grant(source, network, identity, Until::Keep, now);
+            return Some((Recorded::Pending, Durable::Shared(reply)));
+        }
         let mut ledger = self.ledger();
         let recorded = ledger.record(source, network, now, identity)?;
         let generation = match &recorded {
+            Recorded::Pending => unreachable!("the local ledger answers at once"),
             Recorded::Known => *self.inner.changes.borrow(),
             Recorded::Reidentified => {
                 let generation = self.publish(&active.policy, &ledger);
@@ -339,7 +362,7 @@ impl Gate {
                 generation
             }
         };
-        Some((recorded, generation))
+        Some((recorded, Durable::Change(generation)))
     }
 
     /// Adopt a reloaded policy, keeping the state: entries of removed sources are dropped,
@@ -375,6 +398,11 @@ impl Gate {
                 active.policy.admin.listen.to_string(),
             ),
             (
+                "redis",
+                format!("{:?}", old.policy.redis),
+                format!("{:?}", active.policy.redis),
+            ),
+            (
                 "admin token",
                 format!(
                     "{:?}{:?}",
@@ -408,6 +436,12 @@ impl Gate {
         self.inner.active.store(active.clone());
         self.publish(&active.policy, &ledger);
         drop(ledger);
+        if let Some(shared) = &self.inner.shared {
+            for r in removed.iter().filter(|r| r.why == Removal::Revoked) {
+                shared.revoke(r.network, Some(&r.source));
+            }
+            shared.trim();
+        }
         self.removed(&active, &removed);
         removed
     }
@@ -420,7 +454,7 @@ impl Gate {
         source: &str,
         network: IpNet,
         ttl: Option<Duration>,
-    ) -> Result<u64, GrantError> {
+    ) -> Result<Durable, GrantError> {
         let active = self.active();
         if !active.policy.sources.contains_key(source) {
             return Err(GrantError::UnknownSource(source.to_string()));
@@ -433,11 +467,16 @@ impl Gate {
             .grantable_network(network)
             .map_err(GrantError::NotGrantable)?;
         let now = self.now();
+        let until = ttl.map(|t| now.saturating_add(t.as_millis() as Millis));
+        if let Some(shared) = &self.inner.shared {
+            info!(source, %network, ?ttl, "grant by an operator sent to the shared store");
+            let reply = shared.grant(source, network, None, Until::Set(until), now);
+            return Ok(Durable::Shared(reply));
+        }
         let mut ledger = self.ledger();
         let recorded = ledger
             .record(source, network, now, None)
             .ok_or_else(|| GrantError::UnknownSource(source.to_string()))?;
-        let until = ttl.map(|t| now.saturating_add(t.as_millis() as Millis));
         ledger.set_until(source, network, until);
         let generation = self.publish(&active.policy, &ledger);
         drop(ledger);
@@ -448,7 +487,7 @@ impl Gate {
             self.notify(&active, EventKind::Grant, source, network, None);
             self.removed(&active, evicted);
         }
-        Ok(generation)
+        Ok(Durable::Change(generation))
     }
 
     /// Revoke `network` from `source` (every source when `None`).
@@ -460,6 +499,9 @@ impl Gate {
             self.publish(&active.policy, &ledger);
         }
         drop(ledger);
+        if let Some(shared) = &self.inner.shared {
+            shared.revoke(network, source);
+        }
         self.removed(&active, &removed);
         removed
     }
@@ -538,11 +580,163 @@ impl Gate {
         generation
     }
 
-    /// Wait until the state file holds change `generation` (a grant to acknowledge).
-    pub async fn persisted(&self, generation: u64) {
-        let mut rx = self.inner.persisted.subscribe();
-        // The sender lives as long as the gate, which `self` keeps alive.
-        let _ = rx.wait_for(|g| *g >= generation).await;
+    /// Wait until a grant is durable: in the state file, or in the shared store and the local
+    /// copy. Returns the change counter to wait on with [`Gate::written`], or why the grant was
+    /// not made (the shared store refused or could not be reached).
+    pub async fn persisted(&self, durable: Durable) -> Result<u64, String> {
+        match durable {
+            Durable::Change(generation) => {
+                let mut rx = self.inner.persisted.subscribe();
+                // The sender lives as long as the gate, which `self` keeps alive.
+                let _ = rx.wait_for(|g| *g >= generation).await;
+                Ok(generation)
+            }
+            Durable::Shared(reply) => reply
+                .await
+                .unwrap_or_else(|_| Err("the shared store task stopped".into())),
+        }
+    }
+
+    /// The shared store, when the policy has `redis:`.
+    pub fn shared(&self) -> Option<&shared_store::Handle> {
+        self.inner.shared.as_ref()
+    }
+
+    /// A grant the shared store made (`status`: new, known or reidentified), with what it
+    /// evicted, applied to the local copy; logged, counted and notified here, once, by the
+    /// replica that asked for it. Returns the change counter.
+    pub(crate) fn shared_granted(
+        &self,
+        source: &str,
+        entry: crate::ledger::Restore,
+        status: &str,
+        evicted: Vec<(String, IpNet, Option<String>, Removal)>,
+    ) -> u64 {
+        let active = self.active();
+        let network = entry.network;
+        let identity = entry.identity.clone();
+        let mut ledger = self.ledger();
+        let known = ledger.contains(source, network);
+        if known {
+            ledger.set_until(source, network, entry.until);
+            if status == "reidentified" {
+                ledger.set_identity(source, network, identity.clone());
+            }
+        } else {
+            ledger.restore(source, entry);
+        }
+        let removed: Vec<Removed> = evicted
+            .into_iter()
+            .map(|(s, n, i, why)| {
+                ledger.remove(&s, n, why).unwrap_or(Removed {
+                    source: s,
+                    network: n,
+                    identity: i,
+                    why,
+                })
+            })
+            .collect();
+        let generation = self.publish(&active.policy, &ledger);
+        drop(ledger);
+        match status {
+            "new" => {
+                let services = &active.policy.sources[source].unlocks;
+                info!(source, %network, identity, ?services, "granted");
+                self.inner.metrics.grant(source);
+                self.notify(
+                    &active,
+                    EventKind::Grant,
+                    source,
+                    network,
+                    identity.as_deref(),
+                );
+            }
+            "reidentified" => info!(source, %network, identity, "identity changed"),
+            _ => {}
+        }
+        self.removed(&active, &removed);
+        generation
+    }
+
+    /// Entries the shared store removed (expired, evicted) at this replica's request: applied
+    /// locally, logged, counted and notified.
+    pub(crate) fn shared_removed(&self, removed: Vec<(String, IpNet, Option<String>, Removal)>) {
+        let active = self.active();
+        let mut ledger = self.ledger();
+        let removed: Vec<Removed> = removed
+            .into_iter()
+            .map(|(s, n, i, why)| {
+                ledger.remove(&s, n, why).unwrap_or(Removed {
+                    source: s,
+                    network: n,
+                    identity: i,
+                    why,
+                })
+            })
+            .collect();
+        self.publish(&active.policy, &ledger);
+        drop(ledger);
+        self.removed(&active, &removed);
+    }
+
+    /// Make the local copy equal to the shared store's `books` (source → entries). Changes made
+    /// by other replicas are logged at debug level only: the replica that made them logged them.
+    pub(crate) fn shared_sync(&self, books: Vec<(String, Vec<crate::ledger::Restore>)>) {
+        let active = self.active();
+        let mut ledger = self.ledger();
+        let mut changed = false;
+        for (source, entries) in books {
+            // Entries this replica's policy never grants (its trusted or always-allowed ranges)
+            // stay out of its lists.
+            let entries = entries
+                .into_iter()
+                .filter(|e| active.client_ip.grantable_network(e.network).is_ok())
+                .collect();
+            if let Some((added, removed, c)) =
+                ledger.sync_source(&source, entries, Removal::Revoked)
+            {
+                changed |= c;
+                for network in added {
+                    tracing::debug!(%source, %network, "granted by another replica");
+                }
+                for r in removed {
+                    tracing::debug!(%source, network = %r.network, "removed by another replica");
+                }
+            }
+        }
+        if changed {
+            self.publish(&active.policy, &ledger);
+        }
+    }
+
+    /// Every entry as the state file would keep it, for re-seeding an emptied shared store.
+    pub(crate) fn entries_restore(&self) -> Vec<(String, crate::ledger::Restore)> {
+        self.ledger()
+            .entries()
+            .into_iter()
+            .map(|(s, e)| {
+                (
+                    s.to_string(),
+                    crate::ledger::Restore {
+                        network: e.network,
+                        first_seen: e.first_seen,
+                        last_seen: e.last_seen(),
+                        hits: e.hits(),
+                        identity: e.identity.clone(),
+                        until: e.until,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// (source, (network, last seen, hits)) of every entry, for refreshes sent to the store.
+    pub(crate) fn entries_activity(&self) -> Vec<(String, (IpNet, Millis, u64))> {
+        self.ledger()
+            .entries()
+            .into_iter()
+            .map(|(s, e)| (s.to_string(), (e.network, e.last_seen(), e.hits())))
+            .collect()
     }
 
     /// Wait until the Traefik file holds change `generation`.
@@ -713,7 +907,8 @@ impl OutputWriter {
         };
         let state = (policy.state_file.clone(), state);
         let mut state_ok = true;
-        if self.state.as_ref() != Some(&state) {
+        // With a shared store, entries reach the local ledger only once Redis holds them.
+        if gate.inner.shared.is_none() && self.state.as_ref() != Some(&state) {
             match store::save(&state.0, &state.1) {
                 Ok(_) => {
                     gate.inner.metrics.write("state", "ok");
@@ -786,13 +981,17 @@ impl OutputWriter {
 /// Read the state file named by `policy`, creating the directories the outputs need. Errors name
 /// the file or directory.
 pub fn load_state(policy: &Policy) -> Result<Vec<StoredEntry>, StoreError> {
-    for path in [Some(&policy.state_file), policy.traefik.file.as_ref()]
-        .into_iter()
-        .flatten()
-    {
-        ensure_parent(path)?;
-    }
+    ensure_parent(&policy.state_file)?;
+    prepare_outputs(policy)?;
     store::load(&policy.state_file)
+}
+
+/// Create the directory of the Traefik file, if it is missing.
+pub fn prepare_outputs(policy: &Policy) -> Result<(), StoreError> {
+    match &policy.traefik.file {
+        Some(path) => ensure_parent(path),
+        None => Ok(()),
+    }
 }
 
 fn ensure_parent(path: &Path) -> Result<(), StoreError> {

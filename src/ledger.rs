@@ -58,6 +58,12 @@ impl Activity {
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }
+
+    /// Catch up with what another replica saw (never goes back).
+    fn raise(&self, last_seen: Millis, hits: u64) {
+        self.last_seen.fetch_max(last_seen, Ordering::Relaxed);
+        self.hits.fetch_max(hits, Ordering::Relaxed);
+    }
 }
 
 /// One allowed network of one source.
@@ -178,6 +184,8 @@ pub enum Recorded {
         /// Entries pushed out by the limit.
         evicted: Vec<Removed>,
     },
+    /// Sent to the shared store, which decides; its outcome is logged when it answers.
+    Pending,
 }
 
 struct Book {
@@ -321,6 +329,83 @@ impl Ledger {
             },
         );
         true
+    }
+
+    /// Make `source`'s entries exactly `entries` (the shared store's view). Entries already here
+    /// keep their activity handle (raised to the newer last-seen and hit count) so lock-free
+    /// refreshes in flight are not lost; entries not in `entries` leave as `why`. Returns the
+    /// networks added and the entries removed; `None` for an unknown source.
+    pub fn sync_source(
+        &mut self,
+        source: &str,
+        entries: Vec<Restore>,
+        why: Removal,
+    ) -> Option<(Vec<IpNet>, Vec<Removed>, bool)> {
+        let book = self.books.get_mut(source)?;
+        let mut old = std::mem::take(&mut book.entries);
+        let mut added = Vec::new();
+        let mut changed = false;
+        for r in entries {
+            let entry = match old.remove(&r.network) {
+                Some(mut e) => {
+                    e.activity.raise(r.last_seen, r.hits);
+                    changed |= e.identity != r.identity;
+                    e.first_seen = r.first_seen;
+                    e.identity = r.identity;
+                    e.until = r.until;
+                    e
+                }
+                None => {
+                    added.push(r.network);
+                    Entry {
+                        network: r.network,
+                        first_seen: r.first_seen,
+                        identity: r.identity,
+                        until: r.until,
+                        activity: Arc::new(Activity::new(r.last_seen, r.hits)),
+                    }
+                }
+            };
+            book.entries.insert(entry.network, entry);
+        }
+        let mut removed: Vec<Removed> = old
+            .into_values()
+            .map(|e| Removed {
+                source: source.to_string(),
+                network: e.network,
+                identity: e.identity,
+                why,
+            })
+            .collect();
+        removed.sort_by_key(|r| r.network);
+        changed |= !added.is_empty() || !removed.is_empty();
+        Some((added, removed, changed))
+    }
+
+    /// Change an entry's identity; false when there is no such entry.
+    pub fn set_identity(&mut self, source: &str, network: IpNet, identity: Option<String>) -> bool {
+        match self
+            .books
+            .get_mut(source)
+            .and_then(|b| b.entries.get_mut(&network))
+        {
+            Some(e) => {
+                e.identity = identity;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Remove one entry, as `why`.
+    pub fn remove(&mut self, source: &str, network: IpNet, why: Removal) -> Option<Removed> {
+        let e = self.books.get_mut(source)?.entries.remove(&network)?;
+        Some(Removed {
+            source: source.to_string(),
+            network,
+            identity: e.identity,
+            why,
+        })
     }
 
     /// Enforce every source's limit after a restore; returns the evicted entries.

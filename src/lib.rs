@@ -16,7 +16,10 @@
 //! - [`metrics`]: counters and gauges for `/metrics`.
 //! - [`notify`]: fire-and-forget notifications of grants, expiries, revocations and bans.
 //! - [`store`]: the state file that keeps the ledger across restarts.
-//! - [`sinks`]: pure renderers of a snapshot (`traefik_file`) and the atomic file writer.
+//! - [`sinks`]: pure renderers of a snapshot (`traefik_file`, Traefik's KV layout in
+//!   `traefik_redis` with its writer task) and the atomic file writer.
+//! - [`shared_store`]: the ledger shared by several replicas on Redis/Valkey (`redis:`): atomic
+//!   Lua scripts for grants, refreshes, expiry and revocation, pub/sub and resync.
 //! - [`gate`]: the shared runtime handle tying policy, ledger, snapshot and outputs together,
 //!   plus the background tasks (expiry, output flushing).
 //! - [`admin`]: the admin listener: health, metrics, entries API, status page.
@@ -40,6 +43,7 @@ pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod server;
+pub mod shared_store;
 pub mod sinks;
 pub mod sources;
 pub mod store;

@@ -147,7 +147,7 @@ impl Metrics {
         family(
             &mut out,
             "gatekeeper_output_writes_total",
-            "Output writes, by output (state, traefik) and result (ok, error).",
+            "Output writes, by output (state, traefik, traefik_redis, redis) and result (ok, error).",
             &["output", "result"],
             &self.writes,
         );

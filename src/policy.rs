@@ -155,16 +155,29 @@ pub struct TraefikRedis {
     pub root_key: String,
 }
 
+/// `url` fit for logs and `/healthz`: without its password.
+pub fn without_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // Only fails for URLs that cannot have credentials, which this one has.
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        Ok(_) => url.to_string(),
+        Err(_) => match url.split_once("://") {
+            Some((scheme, rest)) => match rest.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://…@{host}"),
+                None => url.to_string(),
+            },
+            None => "(unparsable url)".to_string(),
+        },
+    }
+}
+
 /// A Redis URL gatekeeper can use: `redis://` or `rediss://` with a host. The error names the
 /// value; credentials are not echoed.
 pub fn parse_redis_url(url: &str) -> Result<String, String> {
-    let shown = match url.split_once('@') {
-        Some((scheme_user, host)) => {
-            let scheme = scheme_user.split("://").next().unwrap_or("");
-            format!("{scheme}://…@{host}")
-        }
-        None => url.to_string(),
-    };
+    let shown = without_password(url);
     let rest = url
         .strip_prefix("redis://")
         .or_else(|| url.strip_prefix("rediss://"));
@@ -1922,6 +1935,47 @@ mod tests {
         assert_eq!(p.sources["ha"].limits.max_ips, DEFAULT_MAX_IPS);
         assert_eq!(p.sources["ha"].limits.idle_ttl, Some(DEFAULT_IDLE_TTL));
         assert!(p.traefik.file.is_none());
+    }
+
+    #[test]
+    fn redis_settings_with_defaults_and_their_problems() {
+        let p = from_yaml_str(
+            &format!("redis: {{ url: redis://redis:6379/0 }}\ntraefik: {{ redis: {{ url: \"rediss://u:pw@kv:6380/1\" }} }}\n{MINIMAL}"),
+            "t",
+        )
+        .unwrap();
+        let r = p.redis.unwrap();
+        assert_eq!(
+            (r.url.as_str(), r.key_prefix.as_str()),
+            ("redis://redis:6379/0", "gatekeeper")
+        );
+        let t = p.traefik.redis.unwrap();
+        assert_eq!(
+            (t.url.as_str(), t.root_key.as_str()),
+            ("rediss://u:pw@kv:6380/1", "traefik")
+        );
+        assert!(from_yaml_str(MINIMAL, "t").unwrap().redis.is_none());
+
+        let got = problems(&format!(
+            "redis: {{ url: \"http://u:secret@redis\", key_prefix: \"a b\", root_key: x }}\n\
+             traefik: {{ redis: {{ key_prefix: y }} }}\n{MINIMAL}"
+        ));
+        let text = got.join("\n");
+        assert!(
+            text.contains("redis.url: `http://u@redis/` is not a Redis URL"),
+            "{text}"
+        );
+        assert!(!text.contains("secret"), "a password was echoed: {text}");
+        assert!(text.contains("redis.key_prefix: `a b` must be"), "{text}");
+        assert!(
+            text.contains("redis.root_key: unknown key (did you mean `key_prefix`?)"),
+            "{text}"
+        );
+        assert!(text.contains("traefik.redis.url: missing"), "{text}");
+        assert!(
+            text.contains("traefik.redis.key_prefix: unknown key (did you mean `root_key`?)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -155,3 +155,29 @@ fn env_override_of_the_wrong_type_names_the_variable() {
         "the message does not name {var}:\n{stderr}"
     );
 }
+
+#[test]
+fn check_and_render_on_the_several_nodes_policy() {
+    let cwd = tempfile::tempdir().unwrap();
+    let ha = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/gatekeeper.ha.yaml");
+    let (status, stdout, stderr) = run(cwd.path(), &["check", "--config", ha], &[]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    // Traefik reads the middlewares from its Redis provider, and no state file is used.
+    assert!(stdout.contains("gatekeeper-immich@redis"), "{stdout}");
+    assert!(
+        stdout.contains("traefik KV       redis://valkey:6379/0 under traefik/http/middlewares"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("shared ledger    redis://valkey:6379/0"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("state file       "), "{stdout}");
+    // `render` reads a state file, which a shared ledger does not have: it says so.
+    let (status, _, stderr) = run(cwd.path(), &["render", "--config", ha], &[]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is in Redis (redis://valkey:6379/0)"),
+        "{stderr}"
+    );
+}

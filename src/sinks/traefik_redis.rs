@@ -108,25 +108,6 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
-/// `url` fit for logs and `/healthz`: without its password.
-pub fn without_password(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            // Only fails for URLs that cannot have credentials, which this one has.
-            let _ = parsed.set_password(None);
-            parsed.to_string()
-        }
-        Ok(_) => url.to_string(),
-        Err(_) => match url.split_once("://") {
-            Some((scheme, rest)) => match rest.rsplit_once('@') {
-                Some((_, host)) => format!("{scheme}://…@{host}"),
-                None => url.to_string(),
-            },
-            None => "(unparsable url)".to_string(),
-        },
-    }
-}
-
 /// Why a write to Redis failed. The URL is named by the caller, without its password.
 #[derive(Debug, thiserror::Error)]
 enum KvError {
@@ -292,7 +273,7 @@ struct Writer {
 impl Writer {
     fn new(config: TraefikRedis) -> Writer {
         Writer {
-            shown_url: without_password(&config.url),
+            shown_url: crate::policy::without_password(&config.url),
             config,
             conn: None,
             known: BTreeMap::new(),
@@ -643,15 +624,15 @@ mod tests {
     #[test]
     fn urls_are_shown_without_their_password() {
         assert_eq!(
-            without_password("redis://:s3cret@redis:6379/0"),
+            crate::policy::without_password("redis://:s3cret@redis:6379/0"),
             "redis://redis:6379/0"
         );
         assert_eq!(
-            without_password("rediss://user:s3cret@redis:6380/1"),
+            crate::policy::without_password("rediss://user:s3cret@redis:6380/1"),
             "rediss://user@redis:6380/1"
         );
         assert_eq!(
-            without_password("redis://127.0.0.1:6379/0"),
+            crate::policy::without_password("redis://127.0.0.1:6379/0"),
             "redis://127.0.0.1:6379/0"
         );
     }

@@ -491,17 +491,22 @@ pub async fn forward_auth(
         .cloned()
         .collect();
     drop(snapshot);
-    let Some((_, generation)) = gate.record(source, network, None) else {
+    let Some((_, durable)) = gate.record(source, network, None) else {
         return (StatusCode::NOT_FOUND, "no such share source\n");
     };
-    // Acknowledge only what survives a crash; a state file that cannot be written means no 200.
-    if tokio::time::timeout(MAX_PERSIST_WAIT, gate.persisted(generation))
-        .await
-        .is_err()
-    {
-        warn!(source, %network, "the grant is not on disk; answering 503 (see /healthz)");
-        return (StatusCode::SERVICE_UNAVAILABLE, "grant not persisted\n");
-    }
+    // Acknowledge only what survives a crash; a state file that cannot be written (or a shared
+    // store that cannot be reached) means no 200.
+    let generation = match tokio::time::timeout(MAX_PERSIST_WAIT, gate.persisted(durable)).await {
+        Ok(Ok(generation)) => generation,
+        Ok(Err(why)) => {
+            warn!(source, %network, %why, "the grant was not stored; answering 503 (see /healthz)");
+            return (StatusCode::SERVICE_UNAVAILABLE, "grant not persisted\n");
+        }
+        Err(_) => {
+            warn!(source, %network, "the grant is not on disk; answering 503 (see /healthz)");
+            return (StatusCode::SERVICE_UNAVAILABLE, "grant not persisted\n");
+        }
+    };
     if !newly.is_empty() {
         propagate(gate, active, network, &newly, generation).await;
     }

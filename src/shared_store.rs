@@ -1,0 +1,886 @@
+//! The shared ledger on Redis (or Valkey): with `redis:` in the policy, every replica keeps its
+//! entries there instead of in the state file, so several gatekeepers enforce one set of limits
+//! and show every proxy the same lists.
+//!
+//! Redis is the authority; each replica's ledger is a copy that decisions read without waiting.
+//! Per source, under `{key_prefix}:{source}:`:
+//! - `seen`: sorted set, network → last seen (ms since the epoch), the LRU order;
+//! - `meta`: hash, network → `{"first_seen":"…","identity":"…","until":"…"}`;
+//! - `hits`: hash, network → requests seen (all replicas together).
+//!
+//! Every change is one Lua script, so it is atomic on the server: a grant adds or refreshes the
+//! entry and evicts the least recently seen until `max_ips` hold, whichever replica sends it;
+//! expiry and revocation remove and report what they removed. A script that changed something
+//! publishes on `{key_prefix}:changes`; every replica resyncs (reads every source in one
+//! MULTI/EXEC) on such a message and every [`RESYNC_EVERY`] anyway.
+//!
+//! A new grant is applied locally only once the script has answered, so no replica ever admits
+//! more than Redis holds beyond the moment its copy lags (milliseconds, the pub/sub delay). While
+//! Redis cannot be reached, decisions keep coming from the last copy, new grants are refused
+//! (nothing unsafe is buffered), revocations and expiries still apply locally and revocations are
+//! sent once Redis is back; `/healthz` and `gatekeeper_redis_up` report it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use ipnet::IpNet;
+use redis::Script;
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::gate::Gate;
+use crate::ledger::{Millis, Removal, Restore};
+use crate::policy::RedisStore;
+
+/// Every replica reads the whole shared ledger this often, on top of change messages.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(5);
+/// Refreshes of known clients (last seen, hits) reach Redis this often; expiry runs as often.
+pub const TICK: Duration = Duration::from_secs(1);
+/// Connecting, and each command, may take this long before Redis counts as unreachable.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// A grant that waited longer than this for Redis is refused rather than applied late.
+pub const STALE_GRANT: Duration = Duration::from_secs(3);
+/// Grants and revocations waiting for the store, at most; more are refused (grants) at once.
+const QUEUE: usize = 1024;
+
+/// Removes `victim` from a source's keys and appends it (network, meta) to `out`.
+const LUA_PRELUDE: &str = r#"
+local seen, meta, hits, revoked = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local function drop(out, net, why)
+  local m = redis.call('HGET', meta, net)
+  if not m then
+    if redis.call('ZREM', seen, net) == 0 then return end
+    m = ''
+  end
+  redis.call('ZREM', seen, net)
+  redis.call('HDEL', meta, net)
+  redis.call('HDEL', hits, net)
+  table.insert(out, net)
+  table.insert(out, m)
+  table.insert(out, why)
+end
+local function server_now()
+  local t = redis.call('TIME')
+  return string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+end
+local function evict(out, max, keep)
+  while redis.call('ZCARD', seen) > max do
+    local two = redis.call('ZRANGE', seen, 0, 1)
+    local victim = two[1]
+    if victim == keep then victim = two[2] end
+    if not victim then return end
+    drop(out, victim, 'evicted')
+  end
+end
+"#;
+
+/// ARGV: network, max_ips, identity ('' none), until ('keep', 'none' or ms), channel, id.
+/// Returns {status, meta, now, removed…}: status is new, known or reidentified. The time is the
+/// server's, so the LRU order is the order in which grants reached Redis, whatever the replicas'
+/// clocks say.
+const LUA_GRANT: &str = r#"
+local net, max, identity, untl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local now = server_now()
+local old = redis.call('HGET', meta, net)
+local status = 'new'
+local m
+if old then
+  m = cjson.decode(old)
+  status = 'known'
+  if identity ~= '' and m.identity ~= identity then
+    m.identity = identity
+    status = 'reidentified'
+  end
+else
+  m = {first_seen = now}
+  if identity ~= '' then m.identity = identity end
+end
+if untl == 'none' then m['until'] = nil elseif untl ~= 'keep' then m['until'] = untl end
+local encoded = cjson.encode(m)
+redis.call('HSET', meta, net, encoded)
+redis.call('ZADD', seen, 'GT', now, net)
+redis.call('HINCRBY', hits, net, 1)
+local out = {status, encoded, now}
+evict(out, max, net)
+if status ~= 'known' or #out > 3 then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return out
+"#;
+
+/// ARGV: (network, last seen, new hits)… of entries refreshed on this replica. Entries that are
+/// gone stay gone.
+const LUA_TOUCH: &str = r#"
+for i = 1, #ARGV, 3 do
+  if redis.call('ZSCORE', seen, ARGV[i]) then
+    redis.call('ZADD', seen, 'GT', ARGV[i + 1], ARGV[i])
+    if tonumber(ARGV[i + 2]) > 0 then redis.call('HINCRBY', hits, ARGV[i], ARGV[i + 2]) end
+  end
+end
+return 0
+"#;
+
+/// ARGV: channel, id, networks… Returns the removed (network, meta, why)…. Each revocation
+/// leaves a tombstone for a week, so a replica re-seeding an emptied Redis from its copy cannot
+/// bring back what another replica revoked.
+const LUA_REVOKE: &str = r#"
+local out = {}
+local now = server_now()
+redis.call('ZREMRANGEBYSCORE', revoked, '-inf', tonumber(now) - 7 * 86400000)
+for i = 3, #ARGV do
+  redis.call('ZADD', revoked, now, ARGV[i])
+  drop(out, ARGV[i], 'revoked')
+end
+if #out > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return out
+"#;
+
+/// ARGV: channel, id, idle_ttl ms ('' none), max_age ms ('' none), max_ips. On the server's
+/// clock, like grants.
+const LUA_EXPIRE: &str = r#"
+local now, idle, age, max = tonumber(server_now()), ARGV[3], ARGV[4], tonumber(ARGV[5])
+local out = {}
+if idle ~= '' then
+  for _, net in ipairs(redis.call('ZRANGEBYSCORE', seen, '-inf', now - tonumber(idle))) do
+    drop(out, net, 'idle')
+  end
+end
+local all = redis.call('HGETALL', meta)
+for i = 1, #all, 2 do
+  local m = cjson.decode(all[i + 1])
+  local old = age ~= '' and tonumber(m.first_seen) + tonumber(age) <= now
+  local ended = m['until'] and tonumber(m['until']) <= now
+  if old or ended then drop(out, all[i], 'max_age') end
+end
+evict(out, max, nil)
+if #out > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return out
+"#;
+
+/// ARGV: channel, id, max_ips, then (network, last seen, hits, meta)… of a replica's copy, put
+/// back after Redis came back empty (restarted without persistence, or replaced). Entries Redis
+/// has, or revoked after they were last seen, are skipped; the limit holds.
+const LUA_RESEED: &str = r#"
+local out = {}
+local added = 0
+for i = 4, #ARGV, 4 do
+  local net, last, n, m = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local tomb = redis.call('ZSCORE', revoked, net)
+  if not redis.call('HGET', meta, net) and not (tomb and tonumber(tomb) >= tonumber(last)) then
+    redis.call('HSET', meta, net, m)
+    redis.call('ZADD', seen, last, net)
+    redis.call('HSET', hits, net, n)
+    added = added + 1
+  end
+end
+evict(out, tonumber(ARGV[3]), nil)
+if added > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+return out
+"#;
+
+/// What the store stores per entry besides its network.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Meta {
+    first_seen: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    until: Option<String>,
+}
+
+impl Meta {
+    fn parse(text: &str) -> Option<Meta> {
+        serde_json::from_str(text).ok()
+    }
+}
+
+/// How a grant's fixed end changes.
+#[derive(Debug, Clone, Copy)]
+pub enum Until {
+    /// Leave it (a client's request).
+    Keep,
+    /// Set it (an operator's grant; `None` clears it).
+    Set(Option<Millis>),
+}
+
+/// What the store did with a grant, once applied locally: the change counter to wait on with
+/// [`Gate::written`], or why nothing was granted.
+pub type GrantReply = Result<u64, String>;
+
+enum Op {
+    Grant {
+        source: String,
+        network: IpNet,
+        identity: Option<String>,
+        until: Until,
+        at: Millis,
+        queued: Instant,
+        reply: Option<oneshot::Sender<GrantReply>>,
+    },
+    Revoke {
+        network: IpNet,
+        source: Option<String>,
+    },
+    /// A policy reload: limits may have been lowered.
+    Trim,
+}
+
+/// The gate's side of the shared store: a queue to the task that talks to Redis.
+pub struct Handle {
+    tx: mpsc::Sender<Op>,
+    rx: Mutex<Option<mpsc::Receiver<Op>>>,
+    up: AtomicBool,
+    /// Becomes true after the first full read of the store.
+    synced: watch::Sender<bool>,
+    /// What the store is (for messages; no password).
+    pub shown_url: String,
+}
+
+impl Handle {
+    /// A handle for `store`; [`run`] serves it.
+    pub fn new(store: &RedisStore) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        Handle {
+            tx,
+            rx: Mutex::new(Some(rx)),
+            up: AtomicBool::new(false),
+            synced: watch::Sender::new(false),
+            shown_url: crate::policy::without_password(&store.url),
+        }
+    }
+
+    /// Is Redis reachable now?
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Wait until the first full read of the store (a replica that starts should not deny
+    /// clients the others allow).
+    pub async fn synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Ask for a grant; the receiver answers once it is in Redis and in the local copy.
+    pub fn grant(
+        &self,
+        source: &str,
+        network: IpNet,
+        identity: Option<&str>,
+        until: Until,
+        at: Millis,
+    ) -> oneshot::Receiver<GrantReply> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Grant {
+            source: source.to_string(),
+            network,
+            identity: identity.map(str::to_string),
+            until,
+            at,
+            queued: Instant::now(),
+            reply: Some(reply),
+        };
+        if let Err(e) = self.tx.try_send(op) {
+            let op = match e {
+                mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op) => op,
+            };
+            if let Op::Grant {
+                reply: Some(reply), ..
+            } = op
+            {
+                let _ = reply.send(Err("too many grants waiting for Redis".into()));
+            }
+        }
+        rx
+    }
+
+    /// Send a revocation (already applied locally); kept until Redis has it.
+    pub fn revoke(&self, network: IpNet, source: Option<&str>) {
+        let op = Op::Revoke {
+            network,
+            source: source.map(str::to_string),
+        };
+        if self.tx.try_send(op).is_err() {
+            warn!(%network, "revocation queue full: the next resync may bring this entry back");
+        }
+    }
+
+    /// Apply lowered limits of a reloaded policy in Redis too.
+    pub fn trim(&self) {
+        let _ = self.tx.try_send(Op::Trim);
+    }
+}
+
+struct Keys {
+    prefix: String,
+    channel: String,
+}
+
+impl Keys {
+    fn of(&self, source: &str) -> [String; 4] {
+        ["seen", "meta", "hits", "revoked"].map(|k| format!("{}:{source}:{k}", self.prefix))
+    }
+
+    fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+}
+
+struct Scripts {
+    grant: Script,
+    touch: Script,
+    revoke: Script,
+    expire: Script,
+    reseed: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let with = |body: &str| Script::new(&format!("{LUA_PRELUDE}{body}"));
+        Scripts {
+            grant: with(LUA_GRANT),
+            touch: with(LUA_TOUCH),
+            revoke: with(LUA_REVOKE),
+            expire: with(LUA_EXPIRE),
+            reseed: with(LUA_RESEED),
+        }
+    }
+}
+
+/// One removal reported by a script: (network, meta, why).
+fn removals(flat: &[String]) -> Vec<(IpNet, Option<String>, Removal)> {
+    flat.chunks_exact(3)
+        .filter_map(|c| {
+            let network = c[0].parse().ok()?;
+            let identity = Meta::parse(&c[1]).and_then(|m| m.identity);
+            let why = match c[2].as_str() {
+                "idle" => Removal::Idle,
+                "max_age" => Removal::MaxAge,
+                "evicted" => Removal::Evicted,
+                _ => Removal::Revoked,
+            };
+            Some((network, identity, why))
+        })
+        .collect()
+}
+
+async fn timed<T>(what: &str, f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(format!("{what}: {e}")),
+        Err(_) => Err(format!("{what}: no answer within {COMMAND_TIMEOUT:?}")),
+    }
+}
+
+/// The task that talks to Redis for `gate`, until `stop` resolves.
+pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
+    let Some(handle) = gate.shared() else { return };
+    let Some(mut ops) = handle.rx.lock().ok().and_then(|mut rx| rx.take()) else {
+        return;
+    };
+    let Some(store) = gate.active().policy.redis.clone() else {
+        return;
+    };
+    let keys = Keys {
+        channel: format!("{}:changes", store.key_prefix),
+        prefix: store.key_prefix.clone(),
+    };
+    let id = format!("{}-{}", std::process::id(), crate::ledger::now_millis());
+    let mut worker = Worker {
+        gate: gate.clone(),
+        keys,
+        id,
+        scripts: Scripts::new(),
+        pending_revokes: Vec::new(),
+        pending_trim: false,
+        flushed: HashMap::new(),
+        epoch: None,
+    };
+    tokio::pin!(stop);
+    let client = match redis::Client::open(store.url.as_str()) {
+        Ok(c) => c,
+        Err(e) => {
+            gate.report(
+                "redis",
+                Some(format!("cannot use {}: {e}", handle.shown_url)),
+            );
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match worker.session(&client, &mut ops, &mut stop).await {
+            Ok(()) => return,
+            Err(e) => {
+                handle.up.store(false, Ordering::Relaxed);
+                gate.report(
+                    "redis",
+                    Some(format!(
+                        "{} unreachable ({e}); deciding from the last copy, new grants refused",
+                        handle.shown_url
+                    )),
+                );
+                gate.metrics().write("redis", "error");
+            }
+        }
+        // Until Redis answers again: refuse grants at once, keep revocations, expire locally.
+        let retry = tokio::time::sleep(backoff);
+        tokio::pin!(retry);
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                _ = &mut retry => break,
+                op = ops.recv() => match op {
+                    Some(op) => worker.refuse(op),
+                    None => return,
+                },
+                _ = tick.tick() => { gate.expire_due(); }
+                _ = &mut stop => return,
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+struct Worker {
+    gate: Gate,
+    keys: Keys,
+    id: String,
+    scripts: Scripts,
+    /// Revocations Redis does not have yet.
+    pending_revokes: Vec<(IpNet, Option<String>)>,
+    pending_trim: bool,
+    /// Per entry, the last seen and hit count last sent to Redis.
+    flushed: HashMap<(String, IpNet), (Millis, u64)>,
+    /// The store's epoch when this replica last read it: a different or missing one means Redis
+    /// lost its data.
+    epoch: Option<String>,
+}
+
+impl Worker {
+    /// Connect, catch up, then serve operations and change messages until an error (returned)
+    /// or `stop` (Ok).
+    async fn session(
+        &mut self,
+        client: &redis::Client,
+        ops: &mut mpsc::Receiver<Op>,
+        stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<(), String> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT));
+        let mut con = timed(
+            "connect",
+            client.get_multiplexed_async_connection_with_config(&config),
+        )
+        .await?;
+        let mut pubsub = timed("connect (pub/sub)", client.get_async_pubsub()).await?;
+        timed("subscribe", pubsub.subscribe(&self.keys.channel)).await?;
+        let mut messages = pubsub.into_on_message();
+
+        // Catch up: what was revoked while away, the copy if Redis lost its data, what expired,
+        // then read everything.
+        self.send_revokes(&mut con).await?;
+        self.check_epoch(&mut con).await?;
+        self.expire(&mut con).await?;
+        self.resync(&mut con).await?;
+        let gate = self.gate.clone();
+        let handle = gate.shared().expect("shared store");
+        if !handle.up.swap(true, Ordering::Relaxed) {
+            info!(store = %handle.shown_url, "shared store reachable; ledger synced");
+        }
+        handle.synced.send_replace(true);
+        gate.report("redis", None);
+
+        let mut tick = tokio::time::interval(TICK);
+        let mut last_resync = Instant::now();
+        loop {
+            tokio::select! {
+                op = ops.recv() => match op {
+                    Some(op) => self.execute(&mut con, op).await?,
+                    None => return Ok(()),
+                },
+                msg = messages.next() => {
+                    if msg.is_none() {
+                        return Err("pub/sub connection closed".into());
+                    }
+                    // Several replicas may have changed things at once: one read for all.
+                    while let Some(Some(_)) = messages.next().now_or_never() {}
+                    self.resync(&mut con).await?;
+                    last_resync = Instant::now();
+                }
+                _ = tick.tick() => {
+                    self.flush_touches(&mut con).await?;
+                    self.expire(&mut con).await?;
+                    if self.pending_trim {
+                        self.pending_trim = false;
+                        self.resync(&mut con).await?;
+                    }
+                    if last_resync.elapsed() >= RESYNC_EVERY {
+                        self.resync(&mut con).await?;
+                        last_resync = Instant::now();
+                    }
+                }
+                _ = &mut *stop => {
+                    let _ = self.flush_touches(&mut con).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Answer an operation while Redis is unreachable.
+    fn refuse(&mut self, op: Op) {
+        match op {
+            Op::Grant { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err("the shared store (Redis) is unreachable".into()));
+                }
+            }
+            Op::Revoke { network, source } => self.pending_revokes.push((network, source)),
+            Op::Trim => self.pending_trim = true,
+        }
+    }
+
+    async fn execute(&mut self, con: &mut MultiplexedConnection, op: Op) -> Result<(), String> {
+        match op {
+            Op::Grant {
+                source,
+                network,
+                identity,
+                until,
+                at,
+                queued,
+                reply,
+            } => {
+                if queued.elapsed() > STALE_GRANT {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err("waited too long for the shared store".into()));
+                    }
+                    return Ok(());
+                }
+                let active = self.gate.active();
+                let Some(policy_source) = active.policy.sources.get(&source) else {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(format!("no source `{source}` in the policy")));
+                    }
+                    return Ok(());
+                };
+                let until_arg = match until {
+                    Until::Keep => "keep".to_string(),
+                    Until::Set(None) => "none".to_string(),
+                    Until::Set(Some(ms)) => ms.to_string(),
+                };
+                let answer: Result<Vec<String>, String> = timed(
+                    "grant",
+                    self.scripts
+                        .grant
+                        .key(&self.keys.of(&source))
+                        .arg(network.to_string())
+                        .arg(policy_source.limits.max_ips)
+                        .arg(identity.clone().unwrap_or_default())
+                        .arg(until_arg)
+                        .arg(&self.keys.channel)
+                        .arg(&self.id)
+                        .invoke_async(con),
+                )
+                .await;
+                let out = match answer {
+                    Ok(out) if out.len() >= 3 => out,
+                    Ok(out) => {
+                        let e = format!("grant: unexpected answer {out:?}");
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        return Err(e);
+                    }
+                };
+                self.gate.metrics().write("redis", "ok");
+                let meta = Meta::parse(&out[1]).unwrap_or_default();
+                let seen_at = out[2].parse().unwrap_or(at);
+                let entry = Restore {
+                    network,
+                    first_seen: meta.first_seen.parse().unwrap_or(seen_at),
+                    last_seen: seen_at,
+                    hits: 1,
+                    identity: meta.identity,
+                    until: meta.until.and_then(|u| u.parse().ok()),
+                };
+                let generation = self.gate.shared_granted(
+                    &source,
+                    entry,
+                    &out[0],
+                    removals(&out[3..])
+                        .into_iter()
+                        .map(|(n, i, w)| (source.clone(), n, i, w))
+                        .collect(),
+                );
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(generation));
+                }
+            }
+            Op::Revoke { network, source } => {
+                self.pending_revokes.push((network, source));
+                self.send_revokes(con).await?;
+            }
+            Op::Trim => {
+                self.expire(con).await?;
+                self.resync(con).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make sure the store has an epoch; if it is not the one this replica saw before, Redis
+    /// lost its data: put this replica's copy back (acknowledged grants are not forgotten).
+    async fn check_epoch(&mut self, con: &mut MultiplexedConnection) -> Result<(), String> {
+        let fresh = format!("{}-{}", self.id, crate::ledger::now_millis());
+        let (set, current): (bool, String) = timed(
+            "epoch",
+            redis::pipe()
+                .atomic()
+                .cmd("SET")
+                .arg(self.keys.epoch())
+                .arg(&fresh)
+                .arg("NX")
+                .cmd("GET")
+                .arg(self.keys.epoch())
+                .query_async(con),
+        )
+        .await?;
+        let lost = match &self.epoch {
+            Some(seen) => *seen != current,
+            None => set,
+        };
+        self.epoch = Some(current);
+        if !lost {
+            return Ok(());
+        }
+        let active = self.gate.active();
+        let mut by_source: HashMap<String, Vec<(String, Restore)>> = HashMap::new();
+        for (source, e) in self.gate.entries_restore() {
+            by_source
+                .entry(source.clone())
+                .or_default()
+                .push((source, e));
+        }
+        let mut total = 0;
+        for (source, entries) in by_source {
+            let Some(policy_source) = active.policy.sources.get(&source) else {
+                continue;
+            };
+            let mut invocation = self.scripts.reseed.key(&self.keys.of(&source));
+            invocation
+                .arg(&self.keys.channel)
+                .arg(&self.id)
+                .arg(policy_source.limits.max_ips);
+            for (_, e) in &entries {
+                let meta = Meta {
+                    first_seen: e.first_seen.to_string(),
+                    identity: e.identity.clone(),
+                    until: e.until.map(|u| u.to_string()),
+                };
+                invocation
+                    .arg(e.network.to_string())
+                    .arg(e.last_seen)
+                    .arg(e.hits)
+                    .arg(serde_json::to_string(&meta).unwrap_or_default());
+            }
+            let _: Vec<String> = timed("re-seed", invocation.invoke_async(con)).await?;
+            total += entries.len();
+        }
+        if total > 0 {
+            warn!(
+                entries = total,
+                "the shared store came back without its data: put this replica's copy back"
+            );
+        }
+        Ok(())
+    }
+
+    async fn send_revokes(&mut self, con: &mut MultiplexedConnection) -> Result<(), String> {
+        while let Some((network, only)) = self.pending_revokes.first().cloned() {
+            let sources: Vec<String> = match &only {
+                Some(s) => vec![s.clone()],
+                None => self.gate.active().policy.sources.keys().cloned().collect(),
+            };
+            for source in sources {
+                let out: Vec<String> = timed(
+                    "revoke",
+                    self.scripts
+                        .revoke
+                        .key(&self.keys.of(&source))
+                        .arg(&self.keys.channel)
+                        .arg(&self.id)
+                        .arg(network.to_string())
+                        .invoke_async(con),
+                )
+                .await?;
+                if !out.is_empty() {
+                    debug!(%source, %network, "revocation stored");
+                }
+            }
+            self.pending_revokes.remove(0);
+        }
+        Ok(())
+    }
+
+    /// Remove what is due in Redis (any replica may do it; the script is atomic, so each entry
+    /// is removed, logged and notified once, by the replica that removed it).
+    async fn expire(&mut self, con: &mut MultiplexedConnection) -> Result<(), String> {
+        let active = self.gate.active();
+        let mut removed = Vec::new();
+        for (name, source) in &active.policy.sources {
+            let ms = |d: Option<Duration>| d.map_or(String::new(), |d| d.as_millis().to_string());
+            let out: Vec<String> = timed(
+                "expire",
+                self.scripts
+                    .expire
+                    .key(&self.keys.of(name))
+                    .arg(&self.keys.channel)
+                    .arg(&self.id)
+                    .arg(ms(source.limits.idle_ttl))
+                    .arg(ms(source.limits.max_age))
+                    .arg(source.limits.max_ips)
+                    .invoke_async(con),
+            )
+            .await?;
+            removed.extend(
+                removals(&out)
+                    .into_iter()
+                    .map(|(n, i, w)| (name.clone(), n, i, w)),
+            );
+        }
+        if !removed.is_empty() {
+            self.gate.shared_removed(removed);
+        }
+        Ok(())
+    }
+
+    /// Send last-seen times and hit counts of entries refreshed here since the last flush.
+    async fn flush_touches(&mut self, con: &mut MultiplexedConnection) -> Result<(), String> {
+        let mut by_source: HashMap<String, Vec<(IpNet, Millis, u64)>> = HashMap::new();
+        let mut seen_now = HashMap::new();
+        for (source, entry) in self.gate.entries_activity() {
+            let (last_seen, hits) = (entry.1, entry.2);
+            let key = (source.clone(), entry.0);
+            let (sent_seen, sent_hits) = self.flushed.get(&key).copied().unwrap_or((0, hits));
+            if last_seen > sent_seen || hits > sent_hits {
+                by_source.entry(source).or_default().push((
+                    entry.0,
+                    last_seen,
+                    hits.saturating_sub(sent_hits),
+                ));
+            }
+            seen_now.insert(key, (last_seen, hits));
+        }
+        for (source, touched) in by_source {
+            let mut invocation = self.scripts.touch.key(&self.keys.of(&source));
+            for (network, last_seen, delta) in &touched {
+                invocation
+                    .arg(network.to_string())
+                    .arg(*last_seen)
+                    .arg(*delta);
+            }
+            let _: i64 = timed("refresh", invocation.invoke_async(con)).await?;
+        }
+        self.flushed = seen_now;
+        Ok(())
+    }
+
+    /// Read every source of the policy in one transaction and make the local copy equal to it.
+    async fn resync(&mut self, con: &mut MultiplexedConnection) -> Result<(), String> {
+        let active = self.gate.active();
+        let names: Vec<String> = active.policy.sources.keys().cloned().collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for name in &names {
+            let [seen, meta, hits, _] = self.keys.of(name);
+            pipe.zrange_withscores(seen, 0, -1)
+                .hgetall(meta)
+                .hgetall(hits);
+        }
+        type Read = (
+            Vec<(String, f64)>,
+            HashMap<String, String>,
+            HashMap<String, u64>,
+        );
+        let read: Vec<Read> = timed("resync", pipe.query_async(con)).await?;
+        let mut books = Vec::new();
+        for (name, (seen, meta, hits)) in names.into_iter().zip(read) {
+            let mut entries = Vec::new();
+            for (net, last_seen) in seen {
+                let (Ok(network), Some(m)) = (
+                    net.parse::<IpNet>(),
+                    meta.get(&net).and_then(|m| Meta::parse(m)),
+                ) else {
+                    warn!(source = %name, entry = %net, "ignoring an unreadable entry in Redis");
+                    continue;
+                };
+                entries.push(Restore {
+                    network,
+                    first_seen: m.first_seen.parse().unwrap_or(last_seen as Millis),
+                    last_seen: last_seen as Millis,
+                    hits: hits.get(&net).copied().unwrap_or(0),
+                    identity: m.identity,
+                    until: m.until.and_then(|u| u.parse().ok()),
+                });
+            }
+            books.push((name, entries));
+        }
+        // What Redis says now is the new baseline for refreshes.
+        for (name, entries) in &books {
+            for e in entries {
+                let key = (name.clone(), e.network);
+                let local = self.flushed.get(&key).copied().unwrap_or((0, 0));
+                self.flushed
+                    .insert(key, (local.0.max(e.last_seen), local.1.max(e.hits)));
+            }
+        }
+        self.gate.shared_sync(books);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn script_removals_are_read_in_threes() {
+        let flat: Vec<String> = [
+            "203.0.113.1/32",
+            r#"{"first_seen":"1","identity":"alice"}"#,
+            "idle",
+            "not a network",
+            "",
+            "evicted",
+            "2001:db8::/64",
+            "",
+            "revoked",
+        ]
+        .map(String::from)
+        .to_vec();
+        let got = removals(&flat);
+        assert_eq!(
+            got,
+            vec![
+                (
+                    "203.0.113.1/32".parse().unwrap(),
+                    Some("alice".to_string()),
+                    Removal::Idle
+                ),
+                ("2001:db8::/64".parse().unwrap(), None, Removal::Revoked),
+            ]
+        );
+    }
+}

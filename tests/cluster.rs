@@ -1,0 +1,367 @@
+//! Several gatekeepers on one real Redis (`redis:` in the policy): grants and revocations made on
+//! one replica decide on the others within a second, `max_ips` holds cluster-wide under concurrent
+//! grants, expiry needs no request, and a Redis outage is survived (decisions from memory, health
+//! says so, state converges once Redis is back).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::redis::Redis;
+use common::upstream::{Request, allow_status};
+use common::*;
+
+const TOKEN: &str = "cluster-test-admin-token";
+const SECOND: Duration = Duration::from_secs(1);
+
+/// One replica: its own directory, Traefik file and ports, the shared Redis.
+struct Replica {
+    setup: Setup,
+    daemon: Daemon,
+    admin: SocketAddr,
+}
+
+fn policy(redis: &Redis, max_ips: usize, extra: &str) -> String {
+    format!(
+        "trusted_proxies: [127.0.0.1/32]\n\
+         redis: {{ url: \"{}\", key_prefix: gk-test }}\n\
+         services:\n  immich: {{}}\n  nextcloud: {{}}\n\
+         sources:\n  ha:\n    kind: mirror\n    hosts: [ha.example.com]\n    unlocks: \"*\"\n    max_ips: {max_ips}\n{extra}",
+        redis.url()
+    )
+}
+
+fn replica(body: &str) -> Replica {
+    let setup = Setup::new(body);
+    let daemon = Daemon::start(
+        setup.dir.path(),
+        &["--config", "gatekeeper.yaml"],
+        &[("GATEKEEPER_ADMIN__TOKEN", TOKEN)],
+    );
+    let admin = daemon.admin_addr();
+    Replica {
+        setup,
+        daemon,
+        admin,
+    }
+}
+
+fn admin_request(admin: SocketAddr, method: &str, target: &str, body: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(admin).expect("connect to the admin listener");
+    stream.set_read_timeout(Some(SOON)).unwrap();
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .expect("read the admin answer");
+    let status = answer
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+fn health(admin: SocketAddr) -> (u16, String) {
+    let a = Request::new("GET", "/healthz").send(admin);
+    (a.status, a.body)
+}
+
+/// Wait at most `within` for `/allow/{service}` of `client` on `addr` to answer `status`;
+/// returns how long it took.
+fn allow_becomes(addr: SocketAddr, client: &str, status: u16, within: Duration) -> Duration {
+    let start = Instant::now();
+    wait_for(
+        &format!("/allow/immich for {client} on {addr} to answer {status}"),
+        within,
+        || {
+            let got = allow_status(addr, "immich", client);
+            (got == status).then_some(()).ok_or(got.to_string())
+        },
+    );
+    start.elapsed()
+}
+
+fn redis_entries(redis: &Redis) -> Vec<String> {
+    let mut v: Vec<String> = redis
+        .cli(&["ZRANGE", "gk-test:ha:seen", "0", "-1"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_grant_on_one_replica_and_a_revoke_on_the_other_decide_everywhere_within_a_second() {
+    let redis = Redis::start();
+    let body = policy(&redis, 10, "");
+    let a = replica(&body);
+    let b = replica(&body);
+
+    let client = "198.51.100.7";
+    assert_eq!(allow_status(b.daemon.addr, "immich", client), 403);
+    assert_eq!(mirror(a.daemon.addr, "ha.example.com", client), 200);
+    let took = allow_becomes(b.daemon.addr, client, 200, SECOND);
+    eprintln!("grant on A decided on B after {took:?}");
+    assert_eq!(redis_entries(&redis), vec![format!("{client}/32")]);
+    // B's Traefik file shows it too, and both files agree.
+    b.setup
+        .wait_lists("B's Traefik file to show A's grant", SECOND, |l| {
+            l["gatekeeper-immich"] == vec![format!("{client}/32")]
+        });
+    a.setup.wait_lists("A's Traefik file", SECOND, |l| {
+        l["gatekeeper-immich"] == vec![format!("{client}/32")]
+    });
+
+    // Revoked through B's admin API: A denies within a second.
+    let start = Instant::now();
+    let (status, reply) =
+        admin_request(b.admin, "DELETE", &format!("/api/v1/entries/{client}"), "");
+    assert_eq!(status, 200, "{reply}");
+    let took = allow_becomes(
+        a.daemon.addr,
+        client,
+        403,
+        SECOND.saturating_sub(start.elapsed()),
+    );
+    eprintln!("revoke on B decided on A after {took:?}");
+    assert!(redis_entries(&redis).is_empty());
+    a.setup
+        .wait_lists("A's file to drop the revoked client", SECOND, |l| {
+            l["gatekeeper-immich"] == vec!["0.0.0.0/32".to_string()]
+        });
+
+    // An operator's grant on A is acknowledged only once Redis holds it.
+    let (status, reply) = admin_request(
+        a.admin,
+        "POST",
+        "/api/v1/entries",
+        r#"{"source":"ha","address":"203.0.113.9","ttl":"1h"}"#,
+    );
+    assert_eq!(status, 201, "{reply}");
+    assert_eq!(redis_entries(&redis), vec!["203.0.113.9/32".to_string()]);
+    allow_becomes(b.daemon.addr, "203.0.113.9", 200, SECOND);
+    // Each grant is logged once, by the replica that made it.
+    let grants_logged = |r: &Replica| {
+        r.daemon
+            .log()
+            .lines()
+            .filter(|l| l.contains(" granted") && l.contains("network=198.51.100.7/32"))
+            .count()
+    };
+    assert_eq!(grants_logged(&a), 1, "A:\n{}", a.daemon.log());
+    assert_eq!(grants_logged(&b), 0, "B:\n{}", b.daemon.log());
+}
+
+#[test]
+fn max_ips_holds_cluster_wide_under_concurrent_grants() {
+    let redis = Redis::start();
+    let body = policy(&redis, 4, "");
+    let a = replica(&body);
+    let b = replica(&body);
+    let addrs = [a.daemon.addr, b.daemon.addr];
+    let admins = [a.admin, b.admin];
+
+    // 50 operator grants for different clients, half on each replica, all released at once.
+    // Each is acknowledged only once Redis holds it, so the test knows when each was sent and
+    // acknowledged.
+    let barrier = Arc::new(Barrier::new(50));
+    let handles: Vec<_> = (0..50)
+        .map(|i| {
+            let barrier = barrier.clone();
+            let admin = admins[i % 2];
+            std::thread::spawn(move || {
+                let client = format!("198.51.100.{}", i + 1);
+                barrier.wait();
+                let sent = Instant::now();
+                let (status, reply) = admin_request(
+                    admin,
+                    "POST",
+                    "/api/v1/entries",
+                    &format!(r#"{{"source":"ha","address":"{client}"}}"#),
+                );
+                assert_eq!(status, 201, "{client}: {reply}");
+                (format!("{client}/32"), sent, Instant::now())
+            })
+        })
+        .collect();
+    let grants: Vec<(String, Instant, Instant)> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+
+    // Exactly four remain in Redis, and both replicas converge on the same four.
+    let survivors = redis_entries(&redis);
+    assert_eq!(survivors.len(), 4, "{survivors:?}");
+    for addr in addrs {
+        wait_for("each replica to allow exactly the four", SECOND, || {
+            let allowed: Vec<String> = grants
+                .iter()
+                .filter(|(net, _, _)| {
+                    allow_status(addr, "immich", net.trim_end_matches("/32")) == 200
+                })
+                .map(|(net, _, _)| net.clone())
+                .collect();
+            let mut allowed = allowed;
+            allowed.sort();
+            (allowed == survivors)
+                .then_some(())
+                .ok_or(format!("{allowed:?} vs {survivors:?}"))
+        });
+    }
+    // The four most recently seen: no evicted grant was sent after a survivor was acknowledged
+    // (that survivor would then certainly be older than it).
+    for (net, sent, _) in grants.iter().filter(|g| !survivors.contains(&g.0)) {
+        for (kept, _, acked) in grants.iter().filter(|g| survivors.contains(&g.0)) {
+            assert!(
+                sent <= acked,
+                "{net} (evicted) was granted after {kept} (kept) was acknowledged"
+            );
+        }
+    }
+    // And the order Redis kept agrees with the acknowledgements: its scores rank the survivors.
+    let scores = redis.cli(&["ZRANGE", "gk-test:ha:seen", "0", "-1", "WITHSCORES"]);
+    assert_eq!(scores.lines().count(), 8, "{scores}");
+}
+
+#[test]
+fn expiry_needs_no_request_on_any_replica() {
+    let redis = Redis::start();
+    let body = policy(&redis, 10, "    idle_ttl: 2s\n");
+    let a = replica(&body);
+    let b = replica(&body);
+    assert_eq!(
+        mirror(a.daemon.addr, "ha.example.com", "198.51.100.20"),
+        200
+    );
+    allow_becomes(b.daemon.addr, "198.51.100.20", 200, SECOND);
+    // Nobody sends anything; within idle_ttl + the expiry tick + a resync, all forget it.
+    let start = Instant::now();
+    wait_for(
+        "Redis to drop the idle entry",
+        Duration::from_secs(5),
+        || {
+            let e = redis_entries(&redis);
+            e.is_empty().then_some(()).ok_or(format!("{e:?}"))
+        },
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(900),
+        "expired too early"
+    );
+    for r in [&a, &b] {
+        allow_becomes(r.daemon.addr, "198.51.100.20", 403, SECOND);
+    }
+    // One replica removed it and logged it; expiry is logged once across the cluster.
+    let logged = [&a, &b]
+        .iter()
+        .filter(|r| r.daemon.log().contains("expired (idle)"))
+        .count();
+    assert_eq!(logged, 1, "A:\n{}\nB:\n{}", a.daemon.log(), b.daemon.log());
+}
+
+#[test]
+fn redis_outage_keeps_decisions_reports_it_and_converges_after() {
+    let mut redis = Redis::start();
+    let body = policy(&redis, 10, "");
+    let a = replica(&body);
+    let b = replica(&body);
+    assert_eq!(
+        mirror(a.daemon.addr, "ha.example.com", "198.51.100.30"),
+        200
+    );
+    allow_becomes(b.daemon.addr, "198.51.100.30", 200, SECOND);
+    assert_eq!(health(a.admin).0, 200);
+
+    redis.stop();
+    for r in [&a, &b] {
+        wait_for(
+            "/healthz to report the outage",
+            Duration::from_secs(5),
+            || {
+                let (status, body) = health(r.admin);
+                (status == 503 && body.contains("redis"))
+                    .then_some(())
+                    .ok_or(format!("{status} {body}"))
+            },
+        );
+        let metrics = Request::new("GET", "/metrics").send(r.admin).body;
+        assert!(metrics.contains("gatekeeper_redis_up 0"), "{metrics}");
+        // Decisions keep coming from the last copy.
+        assert_eq!(allow_status(r.daemon.addr, "immich", "198.51.100.30"), 200);
+        assert_eq!(allow_status(r.daemon.addr, "immich", "198.51.100.31"), 403);
+    }
+    // A new grant is refused rather than buffered: not admitted anywhere.
+    assert_eq!(
+        mirror(a.daemon.addr, "ha.example.com", "198.51.100.31"),
+        200
+    );
+    let (status, _) = admin_request(
+        b.admin,
+        "POST",
+        "/api/v1/entries",
+        r#"{"source":"ha","address":"198.51.100.32"}"#,
+    );
+    assert_eq!(status, 503);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(allow_status(a.daemon.addr, "immich", "198.51.100.31"), 403);
+    // A revocation during the outage applies at once where it was made, and reaches Redis later.
+    let (status, reply) = admin_request(b.admin, "DELETE", "/api/v1/entries/198.51.100.30", "");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(allow_status(b.daemon.addr, "immich", "198.51.100.30"), 403);
+
+    // Redis comes back empty (no persistence): both replicas reconnect without a restart, the
+    // copies go back in, the revocation made during the outage wins, and they agree again.
+    redis.start_again();
+    for r in [&a, &b] {
+        wait_for("/healthz to recover", Duration::from_secs(10), || {
+            let (status, body) = health(r.admin);
+            (status == 200)
+                .then_some(())
+                .ok_or(format!("{status} {body}"))
+        });
+    }
+    for r in [&a, &b] {
+        allow_becomes(r.daemon.addr, "198.51.100.30", 403, Duration::from_secs(6));
+    }
+    assert!(
+        redis_entries(&redis).is_empty(),
+        "{:?}",
+        redis_entries(&redis)
+    );
+    // New grants flow again.
+    assert_eq!(
+        mirror(b.daemon.addr, "ha.example.com", "198.51.100.33"),
+        200
+    );
+    allow_becomes(a.daemon.addr, "198.51.100.33", 200, SECOND);
+    assert_eq!(redis_entries(&redis), vec!["198.51.100.33/32".to_string()]);
+}
+
+#[test]
+fn a_replica_that_starts_later_reads_the_ledger_before_deciding() {
+    let redis = Redis::start();
+    let body = policy(&redis, 10, "");
+    let a = replica(&body);
+    assert_eq!(
+        mirror(a.daemon.addr, "ha.example.com", "198.51.100.40"),
+        200
+    );
+    allow_becomes(a.daemon.addr, "198.51.100.40", 200, SECOND);
+    // No state file is written in shared mode.
+    assert!(!a.setup.state.exists());
+    let b = replica(&body);
+    // Its first decision already knows the grant (it waits for the first read before listening).
+    assert_eq!(allow_status(b.daemon.addr, "immich", "198.51.100.40"), 200);
+    assert!(b.daemon.log().contains("ledger read from the shared store"));
+}
