@@ -123,6 +123,9 @@ pub enum ApiError {
     /// Nothing matched.
     #[error("{0}")]
     NotFound(String),
+    /// Granted, but already gone again (expired or evicted) when the answer was made.
+    #[error("{0}")]
+    Gone(String),
     /// The grant is in memory but not yet in the state file.
     #[error("the grant is not on disk yet (the state file cannot be written); see /healthz")]
     NotPersisted,
@@ -138,6 +141,7 @@ impl ApiError {
             ApiError::Off => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Gone(_) => StatusCode::CONFLICT,
             ApiError::NotPersisted | ApiError::NotStored(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -368,8 +372,13 @@ async fn grant(State(admin): State<Admin>, body: Bytes) -> Result<Response, ApiE
         .into_iter()
         .find(|(s, e, _)| *s == req.source && e.network == network)
         .ok_or_else(|| {
-            // Only a ttl shorter than the write can get here.
-            ApiError::NotFound(format!("{network} was granted but has already expired"))
+            // A ttl shorter than the write, or newer grants (on this or another replica) that
+            // pushed it out under max_ips before this answer.
+            ApiError::Gone(format!(
+                "{network} was granted but is no longer listed: it expired, or newer grants \
+                 evicted it (max_ips of `{}`)",
+                req.source
+            ))
         })?;
     let json = entry_json(&entry.0, &entry.1, entry.2);
     Ok((StatusCode::CREATED, axum::Json(json)).into_response())

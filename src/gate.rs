@@ -610,7 +610,7 @@ impl Gate {
         source: &str,
         entry: crate::ledger::Restore,
         status: &str,
-        evicted: Vec<(String, IpNet, Option<String>, Removal)>,
+        evicted: Vec<Removed>,
     ) -> u64 {
         let active = self.active();
         let network = entry.network;
@@ -625,17 +625,7 @@ impl Gate {
         } else {
             ledger.restore(source, entry);
         }
-        let removed: Vec<Removed> = evicted
-            .into_iter()
-            .map(|(s, n, i, why)| {
-                ledger.remove(&s, n, why).unwrap_or(Removed {
-                    source: s,
-                    network: n,
-                    identity: i,
-                    why,
-                })
-            })
-            .collect();
+        let removed = remove_all(&mut ledger, evicted);
         let generation = self.publish(&active.policy, &ledger);
         drop(ledger);
         match status {
@@ -660,20 +650,10 @@ impl Gate {
 
     /// Entries the shared store removed (expired, evicted) at this replica's request: applied
     /// locally, logged, counted and notified.
-    pub(crate) fn shared_removed(&self, removed: Vec<(String, IpNet, Option<String>, Removal)>) {
+    pub(crate) fn shared_removed(&self, removed: Vec<Removed>) {
         let active = self.active();
         let mut ledger = self.ledger();
-        let removed: Vec<Removed> = removed
-            .into_iter()
-            .map(|(s, n, i, why)| {
-                ledger.remove(&s, n, why).unwrap_or(Removed {
-                    source: s,
-                    network: n,
-                    identity: i,
-                    why,
-                })
-            })
-            .collect();
+        let removed = remove_all(&mut ledger, removed);
         self.publish(&active.policy, &ledger);
         drop(ledger);
         self.removed(&active, &removed);
@@ -857,6 +837,15 @@ impl Gate {
             }
         }
     }
+}
+
+/// Remove what the shared store removed from the local copy too; an entry the copy did not have
+/// yet is still reported as the store described it.
+fn remove_all(ledger: &mut Ledger, removed: Vec<Removed>) -> Vec<Removed> {
+    removed
+        .into_iter()
+        .map(|r| ledger.remove(&r.source, r.network, r.why).unwrap_or(r))
+        .collect()
 }
 
 fn publish_at_least(tx: &watch::Sender<u64>, generation: u64) {

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::gate::Gate;
-use crate::ledger::{Millis, Removal, Restore};
+use crate::ledger::{Millis, Removal, Removed, Restore};
 use crate::policy::RedisStore;
 
 /// Every replica reads the whole shared ledger this often, on top of change messages.
@@ -350,8 +350,8 @@ impl Scripts {
     }
 }
 
-/// One removal reported by a script: (network, meta, why).
-fn removals(flat: &[String]) -> Vec<(IpNet, Option<String>, Removal)> {
+/// The removals a script reported for `source`, as (network, meta, why) triples.
+fn removals(source: &str, flat: &[String]) -> Vec<Removed> {
     flat.chunks_exact(3)
         .filter_map(|c| {
             let network = c[0].parse().ok()?;
@@ -362,7 +362,12 @@ fn removals(flat: &[String]) -> Vec<(IpNet, Option<String>, Removal)> {
                 "evicted" => Removal::Evicted,
                 _ => Removal::Revoked,
             };
-            Some((network, identity, why))
+            Some(Removed {
+                source: source.to_string(),
+                network,
+                identity,
+                why,
+            })
         })
         .collect()
 }
@@ -615,15 +620,9 @@ impl Worker {
                     identity: meta.identity,
                     until: meta.until.and_then(|u| u.parse().ok()),
                 };
-                let generation = self.gate.shared_granted(
-                    &source,
-                    entry,
-                    &out[0],
-                    removals(&out[3..])
-                        .into_iter()
-                        .map(|(n, i, w)| (source.clone(), n, i, w))
-                        .collect(),
-                );
+                let generation =
+                    self.gate
+                        .shared_granted(&source, entry, &out[0], removals(&source, &out[3..]));
                 if let Some(reply) = reply {
                     let _ = reply.send(Ok(generation));
                 }
@@ -754,11 +753,7 @@ impl Worker {
                     .invoke_async(con),
             )
             .await?;
-            removed.extend(
-                removals(&out)
-                    .into_iter()
-                    .map(|(n, i, w)| (name.clone(), n, i, w)),
-            );
+            removed.extend(removals(name, &out));
         }
         if !removed.is_empty() {
             self.gate.shared_removed(removed);
@@ -870,16 +865,18 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        let got = removals(&flat);
+        let got = removals("ha", &flat);
+        let removed = |network: &str, identity: Option<&str>, why| Removed {
+            source: "ha".into(),
+            network: network.parse().unwrap(),
+            identity: identity.map(str::to_string),
+            why,
+        };
         assert_eq!(
             got,
             vec![
-                (
-                    "203.0.113.1/32".parse().unwrap(),
-                    Some("alice".to_string()),
-                    Removal::Idle
-                ),
-                ("2001:db8::/64".parse().unwrap(), None, Removal::Revoked),
+                removed("203.0.113.1/32", Some("alice"), Removal::Idle),
+                removed("2001:db8::/64", None, Removal::Revoked),
             ]
         );
     }

@@ -192,7 +192,12 @@ fn max_ips_holds_cluster_wide_under_concurrent_grants() {
                     "/api/v1/entries",
                     &format!(r#"{{"source":"ha","address":"{client}"}}"#),
                 );
-                assert_eq!(status, 201, "{client}: {reply}");
+                // 201, or 409 when newer grants already evicted it again before the answer:
+                // either way Redis took it.
+                assert!(
+                    status == 201 || (status == 409 && reply.contains("evicted")),
+                    "{client}: {status} {reply}"
+                );
                 (format!("{client}/32"), sent, Instant::now())
             })
         })
