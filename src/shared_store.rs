@@ -509,13 +509,19 @@ impl Worker {
                     None => return Ok(()),
                 },
                 msg = messages.next() => {
-                    if msg.is_none() {
+                    let Some(msg) = msg else {
                         return Err("pub/sub connection closed".into());
+                    };
+                    // Several replicas may have changed things at once: one read for all. This
+                    // replica's own changes are in its copy already.
+                    let mut foreign = self.is_foreign(&msg);
+                    while let Some(Some(msg)) = messages.next().now_or_never() {
+                        foreign |= self.is_foreign(&msg);
                     }
-                    // Several replicas may have changed things at once: one read for all.
-                    while let Some(Some(_)) = messages.next().now_or_never() {}
-                    self.resync(&mut con).await?;
-                    last_resync = Instant::now();
+                    if foreign {
+                        self.resync(&mut con).await?;
+                        last_resync = Instant::now();
+                    }
                 }
                 _ = tick.tick() => {
                     self.flush_touches(&mut con).await?;
@@ -535,6 +541,11 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Did another replica publish `msg`? (Scripts publish the id of the replica that ran them.)
+    fn is_foreign(&self, msg: &redis::Msg) -> bool {
+        msg.get_payload::<String>().map_or(true, |id| id != self.id)
     }
 
     /// Answer an operation while Redis is unreachable.
@@ -797,19 +808,37 @@ impl Worker {
         let active = self.gate.active();
         let names: Vec<String> = active.policy.sources.keys().cloned().collect();
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        pipe.atomic().get(self.keys.epoch());
         for name in &names {
             let [seen, meta, hits, _] = self.keys.of(name);
             pipe.zrange_withscores(seen, 0, -1)
                 .hgetall(meta)
                 .hgetall(hits);
         }
+        let mut values: Vec<redis::Value> = timed("resync", pipe.query_async(con)).await?;
+        // Redis emptied without dropping the connection (FLUSHALL, a failover to an empty
+        // replica): reconnect, which puts this replica's copy back, instead of adopting nothing.
+        let epoch: Option<String> = values
+            .first()
+            .and_then(|v| redis::from_redis_value_ref(v).ok());
+        if epoch != self.epoch {
+            return Err("the shared store lost its data (its epoch changed)".into());
+        }
         type Read = (
             Vec<(String, f64)>,
             HashMap<String, String>,
             HashMap<String, u64>,
         );
-        let read: Vec<Read> = timed("resync", pipe.query_async(con)).await?;
+        let mut read: Vec<Read> = Vec::new();
+        let mut rest = values.drain(1..);
+        while let (Some(seen), Some(meta), Some(hits)) = (rest.next(), rest.next(), rest.next()) {
+            let parse = |e: redis::ParsingError| format!("resync: {e}");
+            read.push((
+                redis::from_redis_value(seen).map_err(parse)?,
+                redis::from_redis_value(meta).map_err(parse)?,
+                redis::from_redis_value(hits).map_err(parse)?,
+            ));
+        }
         let mut books = Vec::new();
         for (name, (seen, meta, hits)) in names.into_iter().zip(read) {
             let mut entries = Vec::new();

@@ -370,3 +370,71 @@ fn a_replica_that_starts_later_reads_the_ledger_before_deciding() {
     assert_eq!(allow_status(b.daemon.addr, "immich", "198.51.100.40"), 200);
     assert!(b.daemon.log().contains("ledger read from the shared store"));
 }
+
+#[test]
+fn a_flushed_redis_gets_the_replicas_copies_back() {
+    let redis = Redis::start();
+    let body = policy(&redis, 10, "");
+    let a = replica(&body);
+    let b = replica(&body);
+    assert_eq!(
+        mirror(a.daemon.addr, "ha.example.com", "198.51.100.50"),
+        200
+    );
+    allow_becomes(b.daemon.addr, "198.51.100.50", 200, SECOND);
+    // Emptied without a dropped connection (FLUSHALL, a failover to an empty replica): no
+    // replica adopts the empty ledger; the next resync notices and puts the copies back.
+    assert_eq!(redis.cli(&["FLUSHALL"]).trim(), "OK");
+    wait_for(
+        "the grant to be back in Redis",
+        Duration::from_secs(10),
+        || {
+            let e = redis_entries(&redis);
+            (e == vec!["198.51.100.50/32".to_string()])
+                .then_some(())
+                .ok_or(format!("{e:?}"))
+        },
+    );
+    for r in [&a, &b] {
+        assert_eq!(allow_status(r.daemon.addr, "immich", "198.51.100.50"), 200);
+    }
+    assert!(
+        a.daemon.log().contains("came back without its data")
+            || b.daemon.log().contains("came back without its data")
+    );
+}
+
+#[test]
+fn a_replica_started_while_redis_is_down_denies_then_joins() {
+    let mut redis = Redis::start();
+    let body = policy(&redis, 10, "");
+    redis.stop();
+    let a = replica(&body);
+    assert!(a.daemon.log().contains("shared store not reachable yet"));
+    let (status, body_text) = health(a.admin);
+    assert!(
+        status == 503 && body_text.contains("redis"),
+        "{status} {body_text}"
+    );
+    // Nothing is known, so nobody is allowed, and a new grant is refused rather than kept.
+    assert_eq!(
+        mirror(a.daemon.addr, "ha.example.com", "198.51.100.60"),
+        200
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(allow_status(a.daemon.addr, "immich", "198.51.100.60"), 403);
+
+    redis.start_again();
+    wait_for("/healthz to recover", Duration::from_secs(10), || {
+        let (status, body) = health(a.admin);
+        (status == 200)
+            .then_some(())
+            .ok_or(format!("{status} {body}"))
+    });
+    assert_eq!(
+        mirror(a.daemon.addr, "ha.example.com", "198.51.100.60"),
+        200
+    );
+    allow_becomes(a.daemon.addr, "198.51.100.60", 200, SECOND);
+    assert_eq!(redis_entries(&redis), vec!["198.51.100.60/32".to_string()]);
+}
