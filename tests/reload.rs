@@ -81,14 +81,15 @@ fn an_invalid_policy_is_refused_and_the_running_one_kept() {
     // Two problems at once; both must be reported, and nothing applied.
     write_policy(&setup, &policy(0, "    colour: blue\n"));
     hangup(&daemon);
-    let log = wait_for("the refusal in the log", SOON, || {
+    // The refusal is one multi-line entry: wait for its problem lines, not only its first line.
+    let log = wait_for("the refusal with both problems in the log", SOON, || {
         let log = daemon.log();
-        log.contains("policy not reloaded")
-            .then(|| log.clone())
-            .ok_or(log)
+        (log.contains("policy not reloaded")
+            && log.contains("sources.ha.max_ips")
+            && log.contains("sources.ha.colour"))
+        .then(|| log.clone())
+        .ok_or(log)
     });
-    assert!(log.contains("sources.ha.max_ips"), "{log}");
-    assert!(log.contains("sources.ha.colour"), "{log}");
     assert!(!log.contains("policy reloaded"), "{log}");
 
     // Still max_ips 2: a third client evicts one, it does not make three, nor zero.
