@@ -24,7 +24,7 @@
 //!   plus the background tasks (expiry, output flushing).
 //! - [`admin`]: the admin listener: health, metrics, entries API, status page.
 //! - [`http`]: the proxy-facing listener: its hot paths, then its router; [`server`]: the accept
-//!   loop that serves it.
+//!   loop that serves it, with connection budgets by class of peer.
 //! - [`daemon`]: `serve`: restore, start the background tasks, serve, flush at shutdown.
 //! - [`labels`]: the snippets `gatekeeper labels` prints for Traefik, nginx and Caddy.
 //! - [`cli`]: the command line, `check` and `render`; `main.rs` only dispatches.

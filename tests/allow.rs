@@ -158,11 +158,7 @@ fn decision_follows_a_grant_at_once_and_its_expiry_without_any_file() {
         !setup.dir.path().join("blocked/gatekeeper.yml").exists(),
         "no file was involved"
     );
-    assert!(
-        daemon.log().contains("cannot write outputs"),
-        "{}",
-        daemon.log()
-    );
+    daemon.wait_log("cannot write outputs");
 }
 
 #[test]

@@ -43,14 +43,14 @@ fn traefik_file_that_is_a_directory_then_repaired() {
     assert_eq!(mirror(daemon.addr, "ha.example.com", "198.51.100.7"), 200);
     assert_eq!(allow_status(daemon.addr, "immich", "198.51.100.7"), 200);
     assert_eq!(allow_status(daemon.addr, "immich", "198.51.100.8"), 403);
-    assert!(daemon.log().contains("cannot write outputs"));
+    daemon.wait_log("cannot write outputs");
     // The cause goes away: the next retry writes the file and health is back.
     std::fs::remove_dir(&setup.traefik).unwrap();
     wait_health(admin, 200);
     setup.wait_lists("the grant in the repaired file", SOON, |l| {
         l["gatekeeper-immich"] == vec!["198.51.100.7/32".to_string()]
     });
-    assert!(daemon.log().contains("outputs are written again"));
+    daemon.wait_log("outputs are written again");
 }
 
 #[test]

@@ -178,6 +178,7 @@ fn lru_limit_evicts_the_least_recently_seen_not_the_first_granted() {
     let networks: Vec<&str> = state.iter().map(|e| e.network.as_str()).collect();
     assert_eq!(networks, ["203.0.113.1/32", "203.0.113.3/32"], "{state:?}");
     assert_eq!(state[0].hits, 2, "A's refresh is counted: {state:?}");
+    daemon.wait_log("evicted");
     assert!(
         daemon.log().contains("evicted") && daemon.log().contains("203.0.113.2/32"),
         "the eviction of B is logged:\n{}",
@@ -419,7 +420,7 @@ fn idle_ttl_expires_entries_with_no_request_arriving() {
     );
     // The state file is written before the Traefik file.
     assert_eq!(setup.state_entries(), vec![], "state file after expiry");
-    assert!(daemon.log().contains("expired"), "{}", daemon.log());
+    daemon.wait_log("expired");
 }
 
 /// The status of the next response on `reader` (its head only: mirror answers have no body);

@@ -255,6 +255,19 @@ impl Daemon {
         })
     }
 
+    /// Wait until the log holds `needle` and return the log. gatekeeper writes its log from a
+    /// thread of its own, so a line can arrive a moment after what it describes is visible.
+    pub fn wait_log(&self, needle: &str) -> String {
+        wait_for(&format!("`{needle}` in the log"), SOON, || {
+            let log = self.log();
+            if log.contains(needle) {
+                Ok(log)
+            } else {
+                Err(log)
+            }
+        })
+    }
+
     /// Is the process still running?
     pub fn child_alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
