@@ -362,7 +362,7 @@ async fn grant(State(admin): State<Admin>, body: Bytes) -> Result<Response, ApiE
         })?;
     match tokio::time::timeout(PERSIST_TIMEOUT, admin.gate.persisted(durable)).await {
         Ok(Ok(_)) => {}
-        Ok(Err(why)) => return Err(ApiError::NotStored(why)),
+        Ok(Err(why)) => return Err(ApiError::NotStored(why.to_string())),
         Err(_) => return Err(ApiError::NotPersisted),
     }
     info!(source = %req.source, %network, ttl = req.ttl.as_deref(), "admin API grant");

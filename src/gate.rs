@@ -583,7 +583,7 @@ impl Gate {
     /// Wait until a grant is durable: in the state file, or in the shared store and the local
     /// copy. Returns the change counter to wait on with [`Gate::written`], or why the grant was
     /// not made (the shared store refused or could not be reached).
-    pub async fn persisted(&self, durable: Durable) -> Result<u64, String> {
+    pub async fn persisted(&self, durable: Durable) -> Result<u64, shared_store::StoreError> {
         match durable {
             Durable::Change(generation) => {
                 let mut rx = self.inner.persisted.subscribe();
@@ -593,7 +593,7 @@ impl Gate {
             }
             Durable::Shared(reply) => reply
                 .await
-                .unwrap_or_else(|_| Err("the shared store task stopped".into())),
+                .unwrap_or(Err(shared_store::StoreError::Stopped)),
         }
     }
 

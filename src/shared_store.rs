@@ -206,9 +206,57 @@ pub enum Until {
     Set(Option<Millis>),
 }
 
+/// Why the shared store did not do something. Cloned to every waiter of a failed grant.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// A command failed (connection refused or dropped, a script error).
+    #[error("{what}: {message}")]
+    Redis {
+        /// The step: connect, grant, resync…
+        what: &'static str,
+        /// Redis's (or the client's) words.
+        message: String,
+    },
+    /// A command got no answer in time.
+    #[error("{what}: no answer within {COMMAND_TIMEOUT:?}")]
+    Timeout {
+        /// The step.
+        what: &'static str,
+    },
+    /// An answer gatekeeper's own script should never give.
+    #[error("{what}: unexpected answer {answer}")]
+    Unexpected {
+        /// The step.
+        what: &'static str,
+        /// The answer, as read.
+        answer: String,
+    },
+    /// Redis could not be reached when the grant was asked for; nothing was kept.
+    #[error("the shared store (Redis) is unreachable")]
+    Unreachable,
+    /// More grants wait for Redis than the queue holds.
+    #[error("too many grants waiting for Redis")]
+    Busy,
+    /// The grant waited longer than [`STALE_GRANT`] and was dropped rather than applied late.
+    #[error("waited too long for the shared store")]
+    Stale,
+    /// The policy (reloaded meanwhile) has no such source.
+    #[error("no source `{0}` in the policy")]
+    UnknownSource(String),
+    /// Redis was emptied while connected (its epoch changed).
+    #[error("the shared store lost its data (its epoch changed)")]
+    Lost,
+    /// The subscription to change messages ended.
+    #[error("pub/sub connection closed")]
+    SubscriptionClosed,
+    /// The task that talks to Redis is gone (shutdown).
+    #[error("the shared store task stopped")]
+    Stopped,
+}
+
 /// What the store did with a grant, once applied locally: the change counter to wait on with
 /// [`Gate::written`], or why nothing was granted.
-pub type GrantReply = Result<u64, String>;
+pub type GrantReply = Result<u64, StoreError>;
 
 enum Op {
     Grant {
@@ -291,7 +339,7 @@ impl Handle {
                 reply: Some(reply), ..
             } = op
             {
-                let _ = reply.send(Err("too many grants waiting for Redis".into()));
+                let _ = reply.send(Err(StoreError::Busy));
             }
         }
         rx
@@ -372,11 +420,17 @@ fn removals(source: &str, flat: &[String]) -> Vec<Removed> {
         .collect()
 }
 
-async fn timed<T>(what: &str, f: impl Future<Output = redis::RedisResult<T>>) -> Result<T, String> {
+async fn timed<T>(
+    what: &'static str,
+    f: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
     match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no answer within {COMMAND_TIMEOUT:?}")),
+        Ok(Err(e)) => Err(StoreError::Redis {
+            what,
+            message: e.to_string(),
+        }),
+        Err(_) => Err(StoreError::Timeout { what }),
     }
 }
 
@@ -473,7 +527,7 @@ impl Worker {
         client: &redis::Client,
         ops: &mut mpsc::Receiver<Op>,
         stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), StoreError> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(COMMAND_TIMEOUT))
             .set_response_timeout(Some(COMMAND_TIMEOUT));
@@ -510,7 +564,7 @@ impl Worker {
                 },
                 msg = messages.next() => {
                     let Some(msg) = msg else {
-                        return Err("pub/sub connection closed".into());
+                        return Err(StoreError::SubscriptionClosed);
                     };
                     // Several replicas may have changed things at once: one read for all. This
                     // replica's own changes are in its copy already.
@@ -553,7 +607,7 @@ impl Worker {
         match op {
             Op::Grant { reply, .. } => {
                 if let Some(reply) = reply {
-                    let _ = reply.send(Err("the shared store (Redis) is unreachable".into()));
+                    let _ = reply.send(Err(StoreError::Unreachable));
                 }
             }
             Op::Revoke { network, source } => self.pending_revokes.push((network, source)),
@@ -561,7 +615,7 @@ impl Worker {
         }
     }
 
-    async fn execute(&mut self, con: &mut MultiplexedConnection, op: Op) -> Result<(), String> {
+    async fn execute(&mut self, con: &mut MultiplexedConnection, op: Op) -> Result<(), StoreError> {
         match op {
             Op::Grant {
                 source,
@@ -574,14 +628,14 @@ impl Worker {
             } => {
                 if queued.elapsed() > STALE_GRANT {
                     if let Some(reply) = reply {
-                        let _ = reply.send(Err("waited too long for the shared store".into()));
+                        let _ = reply.send(Err(StoreError::Stale));
                     }
                     return Ok(());
                 }
                 let active = self.gate.active();
                 let Some(policy_source) = active.policy.sources.get(&source) else {
                     if let Some(reply) = reply {
-                        let _ = reply.send(Err(format!("no source `{source}` in the policy")));
+                        let _ = reply.send(Err(StoreError::UnknownSource(source)));
                     }
                     return Ok(());
                 };
@@ -590,7 +644,7 @@ impl Worker {
                     Until::Set(None) => "none".to_string(),
                     Until::Set(Some(ms)) => ms.to_string(),
                 };
-                let answer: Result<Vec<String>, String> = timed(
+                let answer: Result<Vec<String>, StoreError> = timed(
                     "grant",
                     self.scripts
                         .grant
@@ -607,7 +661,10 @@ impl Worker {
                 let out = match answer {
                     Ok(out) if out.len() >= 3 => out,
                     Ok(out) => {
-                        let e = format!("grant: unexpected answer {out:?}");
+                        let e = StoreError::Unexpected {
+                            what: "grant",
+                            answer: format!("{out:?}"),
+                        };
                         if let Some(reply) = reply {
                             let _ = reply.send(Err(e.clone()));
                         }
@@ -652,7 +709,7 @@ impl Worker {
 
     /// Make sure the store has an epoch; if it is not the one this replica saw before, Redis
     /// lost its data: put this replica's copy back (acknowledged grants are not forgotten).
-    async fn check_epoch(&mut self, con: &mut MultiplexedConnection) -> Result<(), String> {
+    async fn check_epoch(&mut self, con: &mut MultiplexedConnection) -> Result<(), StoreError> {
         let fresh = format!("{}-{}", self.id, crate::ledger::now_millis());
         let (set, current): (bool, String) = timed(
             "epoch",
@@ -717,7 +774,7 @@ impl Worker {
         Ok(())
     }
 
-    async fn send_revokes(&mut self, con: &mut MultiplexedConnection) -> Result<(), String> {
+    async fn send_revokes(&mut self, con: &mut MultiplexedConnection) -> Result<(), StoreError> {
         while let Some((network, only)) = self.pending_revokes.first().cloned() {
             let sources: Vec<String> = match &only {
                 Some(s) => vec![s.clone()],
@@ -746,7 +803,7 @@ impl Worker {
 
     /// Remove what is due in Redis (any replica may do it; the script is atomic, so each entry
     /// is removed, logged and notified once, by the replica that removed it).
-    async fn expire(&mut self, con: &mut MultiplexedConnection) -> Result<(), String> {
+    async fn expire(&mut self, con: &mut MultiplexedConnection) -> Result<(), StoreError> {
         let active = self.gate.active();
         let mut removed = Vec::new();
         for (name, source) in &active.policy.sources {
@@ -773,7 +830,7 @@ impl Worker {
     }
 
     /// Send last-seen times and hit counts of entries refreshed here since the last flush.
-    async fn flush_touches(&mut self, con: &mut MultiplexedConnection) -> Result<(), String> {
+    async fn flush_touches(&mut self, con: &mut MultiplexedConnection) -> Result<(), StoreError> {
         let mut by_source: HashMap<String, Vec<(IpNet, Millis, u64)>> = HashMap::new();
         let mut seen_now = HashMap::new();
         for (source, entry) in self.gate.entries_activity() {
@@ -804,7 +861,7 @@ impl Worker {
     }
 
     /// Read every source of the policy in one transaction and make the local copy equal to it.
-    async fn resync(&mut self, con: &mut MultiplexedConnection) -> Result<(), String> {
+    async fn resync(&mut self, con: &mut MultiplexedConnection) -> Result<(), StoreError> {
         let active = self.gate.active();
         let names: Vec<String> = active.policy.sources.keys().cloned().collect();
         let mut pipe = redis::pipe();
@@ -822,7 +879,7 @@ impl Worker {
             .first()
             .and_then(|v| redis::from_redis_value_ref(v).ok());
         if epoch != self.epoch {
-            return Err("the shared store lost its data (its epoch changed)".into());
+            return Err(StoreError::Lost);
         }
         type Read = (
             Vec<(String, f64)>,
@@ -832,7 +889,10 @@ impl Worker {
         let mut read: Vec<Read> = Vec::new();
         let mut rest = values.drain(1..);
         while let (Some(seen), Some(meta), Some(hits)) = (rest.next(), rest.next(), rest.next()) {
-            let parse = |e: redis::ParsingError| format!("resync: {e}");
+            let parse = |e: redis::ParsingError| StoreError::Unexpected {
+                what: "resync",
+                answer: e.to_string(),
+            };
             read.push((
                 redis::from_redis_value(seen).map_err(parse)?,
                 redis::from_redis_value(meta).map_err(parse)?,
