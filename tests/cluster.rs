@@ -509,3 +509,40 @@ fn a_replica_started_while_redis_is_down_denies_then_joins() {
     allow_becomes(a.daemon.addr, "198.51.100.60", 200, SECOND);
     assert_eq!(redis_entries(&redis), vec!["198.51.100.60/32".to_string()]);
 }
+
+#[test]
+fn a_lowered_max_ips_on_reload_trims_the_shared_ledger() {
+    let redis = Redis::start();
+    let a = replica(&policy(&redis, 4, ""));
+    let b = replica(&policy(&redis, 4, ""));
+    for i in 1..=4 {
+        assert_eq!(
+            mirror(a.daemon.addr, "ha.example.com", &format!("198.51.100.7{i}")),
+            200
+        );
+        allow_becomes(b.daemon.addr, &format!("198.51.100.7{i}"), 200, SECOND);
+    }
+    // Every replica gets the new policy (the file changes; its content poll picks it up).
+    for r in [&a, &b] {
+        std::fs::write(
+            &r.setup.policy,
+            format!("{PREAMBLE}{}", policy(&redis, 2, "")),
+        )
+        .unwrap();
+    }
+    // Redis keeps the two most recently seen, and both replicas agree.
+    wait_for("Redis trimmed to two", Duration::from_secs(6), || {
+        let e = redis_entries(&redis);
+        (e == vec![
+            "198.51.100.73/32".to_string(),
+            "198.51.100.74/32".to_string(),
+        ])
+        .then_some(())
+        .ok_or(format!("{e:?}"))
+    });
+    for r in [&a, &b] {
+        allow_becomes(r.daemon.addr, "198.51.100.71", 403, SECOND);
+        allow_becomes(r.daemon.addr, "198.51.100.72", 403, SECOND);
+        assert_eq!(allow_status(r.daemon.addr, "immich", "198.51.100.74"), 200);
+    }
+}
