@@ -659,6 +659,20 @@ impl Gate {
         self.removed(&active, &removed);
     }
 
+    /// Drop entries from the local copy without logging them again (a revocation already logged
+    /// when it was asked for, now confirmed by the shared store).
+    pub(crate) fn shared_forget(&self, removed: Vec<Removed>) {
+        let active = self.active();
+        let mut ledger = self.ledger();
+        let mut changed = false;
+        for r in removed {
+            changed |= ledger.remove(&r.source, r.network, r.why).is_some();
+        }
+        if changed {
+            self.publish(&active.policy, &ledger);
+        }
+    }
+
     /// Make the local copy equal to the shared store's `books` (source → entries). Changes made
     /// by other replicas are logged at debug level only: the replica that made them logged them.
     pub(crate) fn shared_sync(&self, books: Vec<(String, Vec<crate::ledger::Restore>)>) {

@@ -567,15 +567,12 @@ impl Worker {
                         return Err(StoreError::SubscriptionClosed);
                     };
                     // Several replicas may have changed things at once: one read for all. This
-                    // replica's own changes are in its copy already.
-                    let mut foreign = self.is_foreign(&msg);
-                    while let Some(Some(msg)) = messages.next().now_or_never() {
-                        foreign |= self.is_foreign(&msg);
-                    }
-                    if foreign {
-                        self.resync(&mut con).await?;
-                        last_resync = Instant::now();
-                    }
+                    // replica's own changes are read back too: its copy has their results
+                    // already, but a read is cheap and leaves nothing to reason about.
+                    let _ = msg;
+                    while let Some(Some(_)) = messages.next().now_or_never() {}
+                    self.resync(&mut con).await?;
+                    last_resync = Instant::now();
                 }
                 _ = tick.tick() => {
                     self.flush_touches(&mut con).await?;
@@ -595,11 +592,6 @@ impl Worker {
                 }
             }
         }
-    }
-
-    /// Did another replica publish `msg`? (Scripts publish the id of the replica that ran them.)
-    fn is_foreign(&self, msg: &redis::Msg) -> bool {
-        msg.get_payload::<String>().map_or(true, |id| id != self.id)
     }
 
     /// Answer an operation while Redis is unreachable.
@@ -792,8 +784,12 @@ impl Worker {
                         .invoke_async(con),
                 )
                 .await?;
-                if !out.is_empty() {
+                // The copy here may have learnt of the entry only after the revocation was
+                // asked for (it was granted on another replica a moment before): drop it now.
+                let removed = removals(&source, &out);
+                if !removed.is_empty() {
                     debug!(%source, %network, "revocation stored");
+                    self.gate.shared_forget(removed);
                 }
             }
             self.pending_revokes.remove(0);

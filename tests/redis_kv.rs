@@ -441,3 +441,76 @@ fn reload_drops_a_removed_services_keys_and_follows_a_new_url() {
     let lists = wait_kv_equals_file(&other, &setup, "the new Redis written");
     assert_eq!(lists["gatekeeper-immich"], strings(&["203.0.113.5/32"]));
 }
+
+#[test]
+fn two_replicas_on_one_shared_ledger_converge_on_one_kv() {
+    let redis = Redis::start();
+    // Both replicas share the ledger and write the same KV: while grants and revocations come in
+    // through both, each rewrites the middlewares from its own (briefly lagging) copy.
+    let text = policy(&redis.url(), 3, SERVICES).replace(
+        "sources:",
+        &format!(
+            "redis: {{ url: \"{}\", key_prefix: kv-test }}\nsources:",
+            redis.url()
+        ),
+    );
+    let (sa, sb) = (setup(&text), setup(&text));
+    let (a, b) = (start(&sa), start(&sb));
+    let (admin_a, admin_b) = (a.admin_addr(), b.admin_addr());
+    for i in 0..40u32 {
+        let (addr, other_admin) = if i % 2 == 0 {
+            (a.addr, admin_b)
+        } else {
+            (b.addr, admin_a)
+        };
+        assert_eq!(
+            mirror(addr, "ha.example.com", &format!("198.51.100.{}", i + 1)),
+            200
+        );
+        // Every third round, revoke an earlier client through the other replica, so lists
+        // shrink as well as grow (max_ips 5 keeps them short).
+        if i % 3 == 2 {
+            let gone = format!("198.51.100.{}", i);
+            let a = Request::new("DELETE", &format!("/api/v1/entries/{gone}"))
+                .header("Authorization", format!("Bearer {TOKEN}"))
+                .send(other_admin);
+            assert!(a.status == 200 || a.status == 404, "revoke {gone}: {a:?}");
+        }
+    }
+    // Once quiet (the last mirrored grants may still be on their way: the mirror 200 does not
+    // wait), the shared ledger, both Traefik files and the KV hold the same lists, with no index
+    // left over from a longer list.
+    // Within 3 s: change messages, not the 5 s periodic resync, must bring this about (one read
+    // of the KV by redis-cli takes about 0.4 s here).
+    let (lists, shared) = wait_for(
+        "ledger, both files and the KV to agree",
+        Duration::from_secs(3),
+        || {
+            let mut shared: Vec<String> = redis
+                .cli(&["ZRANGE", "kv-test:ha:seen", "0", "-1"])
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            shared.sort();
+            let file_a = read_lists(&sa.traefik)?;
+            let file_b = read_lists(&sb.traefik)?;
+            let kv = ours(kv_lists(&read_kv(&redis))?);
+            let mut immich = file_a.get("gatekeeper-immich").cloned().unwrap_or_default();
+            immich.sort();
+            if file_a == file_b && kv == file_a && immich == shared && !shared.is_empty() {
+                Ok((file_a, shared))
+            } else {
+                Err(format!(
+                    "ledger: {shared:?}\nA: {file_a:?}\nB: {file_b:?}\nkv: {kv:?}"
+                ))
+            }
+        },
+    );
+    assert!(lists["gatekeeper-immich"].len() <= 5, "{lists:?}");
+    for client in &shared {
+        let ip = client.trim_end_matches("/32");
+        assert_eq!(allow_status(a.addr, "immich", ip), 200);
+        assert_eq!(allow_status(b.addr, "immich", ip), 200);
+    }
+}

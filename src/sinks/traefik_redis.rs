@@ -21,9 +21,10 @@
 //!
 //! A list is a run of numbered keys, so a list that shrinks leaves stale indices behind unless
 //! they are deleted, and Traefik could read a half-written middleware between two commands. Each
-//! middleware is therefore replaced in one MULTI/EXEC transaction that deletes the keys it no
-//! longer has (found with SCAN just before) and sets the new ones. Only [`Gate::shown`] is
-//! rendered, which never holds a grant the state file lacks.
+//! middleware is therefore replaced in one atomic step, a Lua script that finds the keys it no
+//! longer has (SCAN on the server, inside the script), deletes them and sets the new ones; a SCAN
+//! before a MULTI/EXEC would let another replica's longer list slip in between. Only
+//! [`Gate::shown`] is rendered, which never holds a grant that is not durable yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -159,8 +160,34 @@ async fn scan(
     }
 }
 
+/// ARGV: a SCAN pattern for the middleware's keys, its key prefix, then (key, value)… Deletes
+/// every key under the prefix that is not in the new set and sets the new ones, atomically.
+/// Returns how many keys were deleted.
+static REPLACE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local wanted = {}
+for i = 3, #ARGV, 2 do wanted[ARGV[i]] = true end
+local stale = {}
+local cursor = '0'
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    if string.sub(key, 1, #ARGV[2]) == ARGV[2] and not wanted[key] then
+      table.insert(stale, key)
+    end
+  end
+until cursor == '0'
+for _, key in ipairs(stale) do redis.call('DEL', key) end
+for i = 3, #ARGV, 2 do redis.call('SET', ARGV[i], ARGV[i + 1]) end
+return #stale
+"#,
+    )
+});
+
 /// Make middleware `name` hold exactly `pairs`: read what it holds, and unless that is already
-/// it, delete the stale keys and set the new ones in one transaction. Returns whether it wrote.
+/// it, delete the stale keys and set the new ones in one atomic script. Returns whether it wrote.
 async fn write_middleware(
     conn: &mut MultiplexedConnection,
     root: &str,
@@ -189,23 +216,20 @@ async fn write_middleware(
             return Ok(false);
         }
     }
-    let stale: Vec<&String> = existing
-        .iter()
-        .filter(|k| !wanted.contains(k.as_str()))
-        .collect();
-    let mut tx = redis::pipe();
-    tx.atomic();
-    if !stale.is_empty() {
-        tx.cmd("DEL").arg(&stale).ignore();
-    }
+    // The replacement itself is one script, which finds the keys to delete on the server in the
+    // same atomic step: with a SCAN before a MULTI/EXEC, another replica writing the same
+    // middleware in between could leave an index of its longer list behind (a stale address that
+    // Traefik would keep allowing until the next repair).
+    let mut replace = REPLACE.prepare_invoke();
+    replace.arg(format!("{}*", glob_escape(&base))).arg(&base);
     for (key, value) in pairs {
-        tx.cmd("SET").arg(key).arg(value).ignore();
+        replace.arg(key).arg(value);
     }
-    timed("MULTI/EXEC", tx.query_async::<()>(conn)).await?;
+    let stale: usize = timed("replace", replace.invoke_async(conn)).await?;
     debug!(
         middleware = name,
         keys = pairs.len(),
-        stale = stale.len(),
+        stale,
         "written to traefik.redis"
     );
     Ok(true)
