@@ -6,7 +6,10 @@
 //! Per source, under `{key_prefix}:{source}:`:
 //! - `seen`: sorted set, network → last seen (ms since the epoch), the LRU order;
 //! - `meta`: hash, network → `{"first_seen":"…","identity":"…","until":"…"}`;
-//! - `hits`: hash, network → requests seen (all replicas together).
+//! - `hits`: hash, network → requests seen (all replicas together);
+//! - `revoked`: sorted set, network → when it was revoked (a week of tombstones);
+//!
+//! plus `{key_prefix}:epoch`, which changes only when Redis lost its data.
 //!
 //! Every change is one Lua script, so it is atomic on the server: a grant adds or refreshes the
 //! entry and evicts the least recently seen until `max_ips` hold, whichever replica sends it;
@@ -45,6 +48,8 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A grant that waited longer than this for Redis is refused rather than applied late.
 pub const STALE_GRANT: Duration = Duration::from_secs(3);
+/// After losing Redis, the first retry comes this soon; later ones back off to 5 s.
+const FIRST_RETRY: Duration = Duration::from_millis(200);
 /// Grants and revocations waiting for the store, at most; more are refused (grants) at once.
 const QUEUE: usize = 1024;
 
@@ -469,12 +474,15 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
             return;
         }
     };
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = FIRST_RETRY;
     loop {
         match worker.session(&client, &mut ops, &mut stop).await {
             Ok(()) => return,
             Err(e) => {
-                handle.up.store(false, Ordering::Relaxed);
+                // A session that had connected starts the next round of retries afresh.
+                if handle.up.swap(false, Ordering::Relaxed) {
+                    backoff = FIRST_RETRY;
+                }
                 gate.report(
                     "redis",
                     Some(format!(
@@ -563,13 +571,12 @@ impl Worker {
                     None => return Ok(()),
                 },
                 msg = messages.next() => {
-                    let Some(msg) = msg else {
+                    if msg.is_none() {
                         return Err(StoreError::SubscriptionClosed);
-                    };
+                    }
                     // Several replicas may have changed things at once: one read for all. This
                     // replica's own changes are read back too: its copy has their results
                     // already, but a read is cheap and leaves nothing to reason about.
-                    let _ = msg;
                     while let Some(Some(_)) = messages.next().now_or_never() {}
                     self.resync(&mut con).await?;
                     last_resync = Instant::now();
