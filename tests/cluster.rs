@@ -49,6 +49,18 @@ fn replica(body: &str) -> Replica {
     }
 }
 
+/// A Redis and two replicas A and B on it (`max_ips`, `extra` source lines), with `client`
+/// granted through A's mirror and already decided on B.
+fn granted_on_two(max_ips: usize, extra: &str, client: &str) -> (Redis, Replica, Replica) {
+    let redis = Redis::start();
+    let body = policy(&redis, max_ips, extra);
+    let a = replica(&body);
+    let b = replica(&body);
+    assert_eq!(mirror(a.daemon.addr, "ha.example.com", client), 200);
+    allow_becomes(b.daemon.addr, client, 200, SECOND);
+    (redis, a, b)
+}
+
 fn admin_request(admin: SocketAddr, method: &str, target: &str, body: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(admin).expect("connect to the admin listener");
     stream.set_read_timeout(Some(SOON)).unwrap();
@@ -297,15 +309,7 @@ fn max_ips_holds_cluster_wide_under_concurrent_grants() {
 
 #[test]
 fn expiry_needs_no_request_on_any_replica() {
-    let redis = Redis::start();
-    let body = policy(&redis, 10, "    idle_ttl: 2s\n");
-    let a = replica(&body);
-    let b = replica(&body);
-    assert_eq!(
-        mirror(a.daemon.addr, "ha.example.com", "198.51.100.20"),
-        200
-    );
-    allow_becomes(b.daemon.addr, "198.51.100.20", 200, SECOND);
+    let (redis, a, b) = granted_on_two(10, "    idle_ttl: 2s\n", "198.51.100.20");
     // Nobody sends anything; within idle_ttl + the expiry tick + a resync, all forget it.
     let start = Instant::now();
     wait_for(
@@ -346,15 +350,7 @@ fn expiry_needs_no_request_on_any_replica() {
 
 #[test]
 fn redis_outage_keeps_decisions_reports_it_and_converges_after() {
-    let mut redis = Redis::start();
-    let body = policy(&redis, 10, "");
-    let a = replica(&body);
-    let b = replica(&body);
-    assert_eq!(
-        mirror(a.daemon.addr, "ha.example.com", "198.51.100.30"),
-        200
-    );
-    allow_becomes(b.daemon.addr, "198.51.100.30", 200, SECOND);
+    let (mut redis, a, b) = granted_on_two(10, "", "198.51.100.30");
     assert_eq!(health(a.admin).0, 200);
 
     redis.stop();
@@ -442,15 +438,7 @@ fn a_replica_that_starts_later_reads_the_ledger_before_deciding() {
 
 #[test]
 fn a_flushed_redis_gets_the_replicas_copies_back() {
-    let redis = Redis::start();
-    let body = policy(&redis, 10, "");
-    let a = replica(&body);
-    let b = replica(&body);
-    assert_eq!(
-        mirror(a.daemon.addr, "ha.example.com", "198.51.100.50"),
-        200
-    );
-    allow_becomes(b.daemon.addr, "198.51.100.50", 200, SECOND);
+    let (redis, a, b) = granted_on_two(10, "", "198.51.100.50");
     // Emptied without a dropped connection (FLUSHALL, a failover to an empty replica): no
     // replica adopts the empty ledger; the next resync notices and puts the copies back.
     assert_eq!(redis.cli(&["FLUSHALL"]).trim(), "OK");
