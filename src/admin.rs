@@ -479,17 +479,11 @@ async fn metrics(State(admin): State<Admin>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        {
-            let mut text = admin.gate.metrics().render(&by_source, &by_service);
-            if let Some(shared) = admin.gate.shared() {
-                text.push_str(&format!(
-                    "# HELP gatekeeper_redis_up Whether the shared store (Redis) answered last time.\n\
-                     # TYPE gatekeeper_redis_up gauge\ngatekeeper_redis_up {}\n",
-                    u8::from(shared.is_up())
-                ));
-            }
-            text
-        },
+        admin.gate.metrics().render(
+            &by_source,
+            &by_service,
+            admin.gate.shared().map(|s| s.is_up()),
+        ),
     )
         .into_response()
 }

@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::notify::{Event, Notifier};
 use crate::policy::EventKind;
 use crate::policy::Policy;
-use crate::shared_store::{self, GrantReply, Until};
+use crate::shared_store::{self, GrantReply, GrantStatus, Until};
 use crate::sinks::traefik_file;
 use crate::sources::share::{self, ShareState};
 use crate::store::{self, StoreError, StoredEntry};
@@ -189,17 +189,7 @@ impl Gate {
                     .push(format!("{net} of source `{}`: {why}", e.source));
                 continue;
             }
-            ledger.restore(
-                &e.source,
-                Restore {
-                    network: net,
-                    first_seen: e.first_seen,
-                    last_seen: e.last_seen,
-                    hits: e.hits,
-                    identity: e.identity,
-                    until: e.until,
-                },
-            );
+            ledger.restore(&e.source, e.to_restore());
         }
         let removed = ledger
             .expire(clock())
@@ -337,7 +327,7 @@ impl Gate {
         let active = self.active();
         if let Some(shared) = &self.inner.shared {
             active.policy.sources.get(source)?;
-            let reply = shared.grant(source, network, identity, Until::Keep, now);
+            let reply = shared.grant(source, network, identity, Until::Keep);
             return Some((Recorded::Pending, Durable::Shared(reply)));
         }
         let mut ledger = self.ledger();
@@ -354,10 +344,7 @@ impl Gate {
             Recorded::New { evicted } => {
                 let generation = self.publish(&active.policy, &ledger);
                 drop(ledger);
-                let services = &active.policy.sources[source].unlocks;
-                info!(source, %network, identity, ?services, "granted");
-                self.inner.metrics.grant(source);
-                self.notify(&active, EventKind::Grant, source, network, identity);
+                self.granted(&active, source, network, identity);
                 self.removed(&active, evicted);
                 generation
             }
@@ -470,7 +457,7 @@ impl Gate {
         let until = ttl.map(|t| now.saturating_add(t.as_millis() as Millis));
         if let Some(shared) = &self.inner.shared {
             info!(source, %network, ?ttl, "grant by an operator sent to the shared store");
-            let reply = shared.grant(source, network, None, Until::Set(until), now);
+            let reply = shared.grant(source, network, None, Until::Set(until));
             return Ok(Durable::Shared(reply));
         }
         let mut ledger = self.ledger();
@@ -602,50 +589,39 @@ impl Gate {
         self.inner.shared.as_ref()
     }
 
-    /// A grant the shared store made (`status`: new, known or reidentified), with what it
-    /// evicted, applied to the local copy; logged, counted and notified here, once, by the
-    /// replica that asked for it. Returns the change counter.
+    /// A grant the shared store made, with what it evicted, applied to the local copy; logged,
+    /// counted and notified here, once, by the replica that asked for it. Returns the change
+    /// counter.
     pub(crate) fn shared_granted(
         &self,
         source: &str,
-        entry: crate::ledger::Restore,
-        status: &str,
+        entry: Restore,
+        status: GrantStatus,
         evicted: Vec<Removed>,
     ) -> u64 {
         let active = self.active();
         let network = entry.network;
         let identity = entry.identity.clone();
         let mut ledger = self.ledger();
-        let known = ledger.contains(source, network);
-        if known {
-            ledger.set_until(source, network, entry.until);
-            if status == "reidentified" {
-                ledger.set_identity(source, network, identity.clone());
-            }
-        } else {
-            ledger.restore(source, entry);
-        }
+        ledger.upsert(source, entry);
         let removed = remove_all(&mut ledger, evicted);
         let generation = self.publish(&active.policy, &ledger);
         drop(ledger);
         match status {
-            "new" => {
-                let services = &active.policy.sources[source].unlocks;
-                info!(source, %network, identity, ?services, "granted");
-                self.inner.metrics.grant(source);
-                self.notify(
-                    &active,
-                    EventKind::Grant,
-                    source,
-                    network,
-                    identity.as_deref(),
-                );
-            }
-            "reidentified" => info!(source, %network, identity, "identity changed"),
-            _ => {}
+            GrantStatus::New => self.granted(&active, source, network, identity.as_deref()),
+            GrantStatus::Reidentified => info!(source, %network, identity, "identity changed"),
+            GrantStatus::Known => {}
         }
         self.removed(&active, &removed);
         generation
+    }
+
+    /// Log, count and notify a new grant, once, on the replica that made it.
+    fn granted(&self, active: &Active, source: &str, network: IpNet, identity: Option<&str>) {
+        let services = &active.policy.sources[source].unlocks;
+        info!(source, %network, identity, ?services, "granted");
+        self.inner.metrics.grant(source);
+        self.notify(active, EventKind::Grant, source, network, identity);
     }
 
     /// Entries the shared store removed (expired, evicted) at this replica's request: applied
@@ -675,7 +651,7 @@ impl Gate {
 
     /// Make the local copy equal to the shared store's `books` (source → entries). Changes made
     /// by other replicas are logged at debug level only: the replica that made them logged them.
-    pub(crate) fn shared_sync(&self, books: Vec<(String, Vec<crate::ledger::Restore>)>) {
+    pub(crate) fn shared_sync(&self, books: Vec<(String, Vec<Restore>)>) {
         let active = self.active();
         let mut ledger = self.ledger();
         let mut changed = false;
@@ -686,15 +662,13 @@ impl Gate {
                 .into_iter()
                 .filter(|e| active.client_ip.grantable_network(e.network).is_ok())
                 .collect();
-            if let Some((added, removed, c)) =
-                ledger.sync_source(&source, entries, Removal::Revoked)
-            {
+            if let Some((added, removed, c)) = ledger.sync_source(&source, entries) {
                 changed |= c;
                 for network in added {
                     tracing::debug!(%source, %network, "granted by another replica");
                 }
-                for r in removed {
-                    tracing::debug!(%source, network = %r.network, "removed by another replica");
+                for network in removed {
+                    tracing::debug!(%source, %network, "removed by another replica");
                 }
             }
         }
@@ -703,33 +677,13 @@ impl Gate {
         }
     }
 
-    /// Every entry as the state file would keep it, for re-seeding an emptied shared store.
-    pub(crate) fn entries_restore(&self) -> Vec<(String, crate::ledger::Restore)> {
+    /// Every entry as the state file would keep it: for re-seeding an emptied shared store, and
+    /// the refreshes (last seen, hits) sent to it.
+    pub(crate) fn entries_restore(&self) -> Vec<(String, Restore)> {
         self.ledger()
             .entries()
             .into_iter()
-            .map(|(s, e)| {
-                (
-                    s.to_string(),
-                    crate::ledger::Restore {
-                        network: e.network,
-                        first_seen: e.first_seen,
-                        last_seen: e.last_seen(),
-                        hits: e.hits(),
-                        identity: e.identity.clone(),
-                        until: e.until,
-                    },
-                )
-            })
-            .collect()
-    }
-
-    /// (source, (network, last seen, hits)) of every entry, for refreshes sent to the store.
-    pub(crate) fn entries_activity(&self) -> Vec<(String, (IpNet, Millis, u64))> {
-        self.ledger()
-            .entries()
-            .into_iter()
-            .map(|(s, e)| (s.to_string(), (e.network, e.last_seen(), e.hits())))
+            .map(|(s, e)| (s.to_string(), e.to_restore()))
             .collect()
     }
 
@@ -902,16 +856,19 @@ impl OutputWriter {
                 .map(|(source, e)| (source.to_string(), e.network))
                 .collect();
             (
-                store::encode(&ledger),
+                // With a shared store there is no state file: entries reach the local ledger
+                // only once Redis holds them.
+                gate.inner.shared.is_none().then(|| store::encode(&ledger)),
                 gate.snapshot(),
                 *gate.inner.changes.borrow(),
                 entries,
             )
         };
-        let state = (policy.state_file.clone(), state);
+        let state = state.map(|bytes| (policy.state_file.clone(), bytes));
         let mut state_ok = true;
-        // With a shared store, entries reach the local ledger only once Redis holds them.
-        if gate.inner.shared.is_none() && self.state.as_ref() != Some(&state) {
+        if let Some(state) = state
+            && self.state.as_ref() != Some(&state)
+        {
             match store::save(&state.0, &state.1) {
                 Ok(_) => {
                     gate.inner.metrics.write("state", "ok");

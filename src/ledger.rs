@@ -102,6 +102,41 @@ impl Entry {
         [idle, age, self.until].into_iter().flatten().min()
     }
 
+    /// A new entry as `r` describes it.
+    fn from_restore(r: Restore) -> Entry {
+        Entry {
+            network: r.network,
+            first_seen: r.first_seen,
+            identity: r.identity,
+            until: r.until,
+            activity: Arc::new(Activity::new(r.last_seen, r.hits)),
+        }
+    }
+
+    /// The entry as the state file (or the shared store) keeps it.
+    pub fn to_restore(&self) -> Restore {
+        Restore {
+            network: self.network,
+            first_seen: self.first_seen,
+            last_seen: self.last_seen(),
+            hits: self.hits(),
+            identity: self.identity.clone(),
+            until: self.until,
+        }
+    }
+
+    /// Take what the shared store says of this entry, keeping the activity handle (raised, never
+    /// lowered) so lock-free refreshes in flight are not lost. Returns whether the identity
+    /// changed, which can change what a snapshot shows.
+    fn update(&mut self, r: Restore) -> bool {
+        self.activity.raise(r.last_seen, r.hits);
+        let changed = self.identity != r.identity;
+        self.first_seen = r.first_seen;
+        self.identity = r.identity;
+        self.until = r.until;
+        changed
+    }
+
     /// LRU order: least recently seen first; ties broken so eviction is deterministic.
     fn lru_key(&self) -> (Millis, Millis, IpNet) {
         (self.last_seen(), self.first_seen, self.network)
@@ -318,29 +353,37 @@ impl Ledger {
         let Some(book) = self.books.get_mut(source) else {
             return false;
         };
-        book.entries.insert(
-            stored.network,
-            Entry {
-                network: stored.network,
-                first_seen: stored.first_seen,
-                identity: stored.identity,
-                until: stored.until,
-                activity: Arc::new(Activity::new(stored.last_seen, stored.hits)),
-            },
-        );
+        book.entries
+            .insert(stored.network, Entry::from_restore(stored));
         true
     }
 
-    /// Make `source`'s entries exactly `entries` (the shared store's view). Entries already here
-    /// keep their activity handle (raised to the newer last-seen and hit count) so lock-free
-    /// refreshes in flight are not lost; entries not in `entries` leave as `why`. Returns the
-    /// networks added and the entries removed; `None` for an unknown source.
+    /// Add `r` to `source`, or update the entry it already has (see [`Entry`]'s update: the
+    /// activity handle is kept). Returns false for an unknown source.
+    pub fn upsert(&mut self, source: &str, r: Restore) -> bool {
+        let Some(book) = self.books.get_mut(source) else {
+            return false;
+        };
+        match book.entries.get_mut(&r.network) {
+            Some(e) => {
+                e.update(r);
+            }
+            None => {
+                book.entries.insert(r.network, Entry::from_restore(r));
+            }
+        }
+        true
+    }
+
+    /// Make `source`'s entries exactly `entries` (the shared store's view); entries already
+    /// here are updated in place (their activity handles kept). Returns the networks added, the
+    /// networks removed, and whether anything a snapshot shows changed; `None` for an unknown
+    /// source.
     pub fn sync_source(
         &mut self,
         source: &str,
         entries: Vec<Restore>,
-        why: Removal,
-    ) -> Option<(Vec<IpNet>, Vec<Removed>, bool)> {
+    ) -> Option<(Vec<IpNet>, Vec<IpNet>, bool)> {
         let book = self.books.get_mut(source)?;
         let mut old = std::mem::take(&mut book.entries);
         let mut added = Vec::new();
@@ -348,53 +391,20 @@ impl Ledger {
         for r in entries {
             let entry = match old.remove(&r.network) {
                 Some(mut e) => {
-                    e.activity.raise(r.last_seen, r.hits);
-                    changed |= e.identity != r.identity;
-                    e.first_seen = r.first_seen;
-                    e.identity = r.identity;
-                    e.until = r.until;
+                    changed |= e.update(r);
                     e
                 }
                 None => {
                     added.push(r.network);
-                    Entry {
-                        network: r.network,
-                        first_seen: r.first_seen,
-                        identity: r.identity,
-                        until: r.until,
-                        activity: Arc::new(Activity::new(r.last_seen, r.hits)),
-                    }
+                    Entry::from_restore(r)
                 }
             };
             book.entries.insert(entry.network, entry);
         }
-        let mut removed: Vec<Removed> = old
-            .into_values()
-            .map(|e| Removed {
-                source: source.to_string(),
-                network: e.network,
-                identity: e.identity,
-                why,
-            })
-            .collect();
-        removed.sort_by_key(|r| r.network);
+        let mut removed: Vec<IpNet> = old.into_keys().collect();
+        removed.sort();
         changed |= !added.is_empty() || !removed.is_empty();
         Some((added, removed, changed))
-    }
-
-    /// Change an entry's identity; false when there is no such entry.
-    pub fn set_identity(&mut self, source: &str, network: IpNet, identity: Option<String>) -> bool {
-        match self
-            .books
-            .get_mut(source)
-            .and_then(|b| b.entries.get_mut(&network))
-        {
-            Some(e) => {
-                e.identity = identity;
-                true
-            }
-            None => false,
-        }
     }
 
     /// Remove one entry, as `why`.

@@ -110,10 +110,12 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every counter, plus the given gauges.
+    /// `redis_up`: whether the shared store answers, when there is one.
     pub fn render(
         &self,
         entries_by_source: &[(String, usize)],
         allowed_by_service: &[(String, usize)],
+        redis_up: Option<bool>,
     ) -> String {
         let mut out = String::new();
         family(
@@ -169,44 +171,52 @@ impl Metrics {
             }
         }
         let classes = [Class::Trusted, Class::Untrusted, Class::Admin];
-        let _ = writeln!(
-            out,
-            "# HELP gatekeeper_connections_open Open connections, by class of peer (trusted proxy, untrusted, admin).\n# TYPE gatekeeper_connections_open gauge"
+        let by_class = |count: fn(&ConnectionCounts, Class) -> u64| {
+            classes.map(|c| (c.as_str().to_string(), count(&self.connections, c)))
+        };
+        series(
+            &mut out,
+            "gatekeeper_connections_open",
+            "gauge",
+            "Open connections, by class of peer (trusted proxy, untrusted, admin).",
+            "class",
+            &by_class(ConnectionCounts::open),
         );
-        for class in classes {
-            let n = self.connections.open(class);
-            let _ = writeln!(
-                out,
-                "gatekeeper_connections_open{{class=\"{}\"}} {n}",
-                class.as_str()
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP gatekeeper_connections_refused_total Connections closed at once because their class's budget was full.\n# TYPE gatekeeper_connections_refused_total counter"
+        series(
+            &mut out,
+            "gatekeeper_connections_refused_total",
+            "counter",
+            "Connections closed at once because their class's budget was full.",
+            "class",
+            &by_class(ConnectionCounts::refused),
         );
-        for class in classes {
-            let n = self.connections.refused(class);
-            let _ = writeln!(
-                out,
-                "gatekeeper_connections_refused_total{{class=\"{}\"}} {n}",
-                class.as_str()
-            );
-        }
-        gauge(
+        let count = |values: &[(String, usize)]| -> Vec<(String, u64)> {
+            values.iter().map(|(v, n)| (v.clone(), *n as u64)).collect()
+        };
+        series(
             &mut out,
             "gatekeeper_entries",
+            "gauge",
             "Current entries, by source.",
             "source",
-            entries_by_source,
+            &count(entries_by_source),
         );
-        gauge(
+        series(
             &mut out,
             "gatekeeper_allowed_networks",
+            "gauge",
             "Networks on each service's effective allow list (always_allow included).",
             "service",
-            allowed_by_service,
+            &count(allowed_by_service),
         );
+        if let Some(up) = redis_up {
+            let _ = writeln!(
+                out,
+                "# HELP gatekeeper_redis_up Whether the shared store (Redis) answered last time.\n\
+                 # TYPE gatekeeper_redis_up gauge\ngatekeeper_redis_up {}",
+                u8::from(up)
+            );
+        }
         out
     }
 }
@@ -231,8 +241,16 @@ fn family(out: &mut String, name: &str, help: &str, labels: &[&str], map: &Label
     }
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, label: &str, values: &[(String, usize)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+/// A family with one label: `kind` is `gauge` or `counter`.
+fn series(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    values: &[(String, u64)],
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     for (v, n) in values {
         let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {n}", escape(v));
     }
@@ -252,7 +270,7 @@ mod tests {
         m.request(Endpoint::Allow, 403);
         m.request(Endpoint::Allow, 403);
         m.request(Endpoint::Mirror, 299);
-        let text = m.render(&[("ha".into(), 1)], &[("immich".into(), 3)]);
+        let text = m.render(&[("ha".into(), 1)], &[("immich".into(), 3)], None);
         for line in [
             "gatekeeper_grants_total{source=\"ha\"} 2",
             "gatekeeper_removals_total{source=\"ha\",reason=\"expired\"} 1",

@@ -202,6 +202,28 @@ impl Meta {
     }
 }
 
+/// What a grant script found: the entry is new, was there, or was there under another identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantStatus {
+    /// A new entry.
+    New,
+    /// Refreshed.
+    Known,
+    /// Refreshed, with another identity (its lists may differ).
+    Reidentified,
+}
+
+impl GrantStatus {
+    fn parse(word: &str) -> Option<GrantStatus> {
+        match word {
+            "new" => Some(GrantStatus::New),
+            "known" => Some(GrantStatus::Known),
+            "reidentified" => Some(GrantStatus::Reidentified),
+            _ => None,
+        }
+    }
+}
+
 /// How a grant's fixed end changes.
 #[derive(Debug, Clone, Copy)]
 pub enum Until {
@@ -211,7 +233,8 @@ pub enum Until {
     Set(Option<Millis>),
 }
 
-/// Why the shared store did not do something. Cloned to every waiter of a failed grant.
+/// Why the shared store did not do something (its first variants also say why a call to
+/// Traefik's KV failed). Cloned to every waiter of a failed grant.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A command failed (connection refused or dropped, a script error).
@@ -223,10 +246,12 @@ pub enum StoreError {
         message: String,
     },
     /// A command got no answer in time.
-    #[error("{what}: no answer within {COMMAND_TIMEOUT:?}")]
+    #[error("{what}: no answer within {after:?}")]
     Timeout {
         /// The step.
         what: &'static str,
+        /// How long it was given.
+        after: Duration,
     },
     /// An answer gatekeeper's own script should never give.
     #[error("{what}: unexpected answer {answer}")]
@@ -269,9 +294,8 @@ enum Op {
         network: IpNet,
         identity: Option<String>,
         until: Until,
-        at: Millis,
         queued: Instant,
-        reply: Option<oneshot::Sender<GrantReply>>,
+        reply: oneshot::Sender<GrantReply>,
     },
     Revoke {
         network: IpNet,
@@ -324,7 +348,6 @@ impl Handle {
         network: IpNet,
         identity: Option<&str>,
         until: Until,
-        at: Millis,
     ) -> oneshot::Receiver<GrantReply> {
         let (reply, rx) = oneshot::channel();
         let op = Op::Grant {
@@ -332,20 +355,13 @@ impl Handle {
             network,
             identity: identity.map(str::to_string),
             until,
-            at,
             queued: Instant::now(),
-            reply: Some(reply),
+            reply,
         };
-        if let Err(e) = self.tx.try_send(op) {
-            let op = match e {
-                mpsc::error::TrySendError::Full(op) | mpsc::error::TrySendError::Closed(op) => op,
-            };
-            if let Op::Grant {
-                reply: Some(reply), ..
-            } = op
-            {
-                let _ = reply.send(Err(StoreError::Busy));
-            }
+        if let Err(e) = self.tx.try_send(op)
+            && let Op::Grant { reply, .. } = e.into_inner()
+        {
+            let _ = reply.send(Err(StoreError::Busy));
         }
         rx
     }
@@ -425,18 +441,29 @@ fn removals(source: &str, flat: &[String]) -> Vec<Removed> {
         .collect()
 }
 
-async fn timed<T>(
+/// Run a call to Redis (this store, or Traefik's KV) for at most `after`, naming the step `what`
+/// when it fails: a server that accepts connections but never answers must not stall anything.
+pub(crate) async fn timed_for<T>(
     what: &'static str,
+    after: Duration,
     f: impl Future<Output = redis::RedisResult<T>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+    match tokio::time::timeout(after, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(StoreError::Redis {
             what,
             message: e.to_string(),
         }),
-        Err(_) => Err(StoreError::Timeout { what }),
+        Err(_) => Err(StoreError::Timeout { what, after }),
     }
+}
+
+/// [`timed_for`] with [`COMMAND_TIMEOUT`].
+async fn timed<T>(
+    what: &'static str,
+    f: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, StoreError> {
+    timed_for(what, COMMAND_TIMEOUT, f).await
 }
 
 /// The task that talks to Redis for `gate`, until `stop` resolves.
@@ -459,7 +486,6 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
         id,
         scripts: Scripts::new(),
         pending_revokes: Vec::new(),
-        pending_trim: false,
         flushed: HashMap::new(),
         epoch: None,
     };
@@ -519,7 +545,6 @@ struct Worker {
     scripts: Scripts,
     /// Revocations Redis does not have yet.
     pending_revokes: Vec<(IpNet, Option<String>)>,
-    pending_trim: bool,
     /// Per entry, the last seen and hit count last sent to Redis.
     flushed: HashMap<(String, IpNet), (Millis, u64)>,
     /// The store's epoch when this replica last read it: a different or missing one means Redis
@@ -584,10 +609,6 @@ impl Worker {
                 _ = tick.tick() => {
                     self.flush_touches(&mut con).await?;
                     self.expire(&mut con).await?;
-                    if self.pending_trim {
-                        self.pending_trim = false;
-                        self.resync(&mut con).await?;
-                    }
                     if last_resync.elapsed() >= RESYNC_EVERY {
                         self.resync(&mut con).await?;
                         last_resync = Instant::now();
@@ -601,16 +622,15 @@ impl Worker {
         }
     }
 
-    /// Answer an operation while Redis is unreachable.
+    /// Answer an operation while Redis is unreachable. A trim needs no keeping: reconnecting
+    /// runs expiry, which evicts down to the current limits.
     fn refuse(&mut self, op: Op) {
         match op {
             Op::Grant { reply, .. } => {
-                if let Some(reply) = reply {
-                    let _ = reply.send(Err(StoreError::Unreachable));
-                }
+                let _ = reply.send(Err(StoreError::Unreachable));
             }
             Op::Revoke { network, source } => self.pending_revokes.push((network, source)),
-            Op::Trim => self.pending_trim = true,
+            Op::Trim => {}
         }
     }
 
@@ -621,77 +641,23 @@ impl Worker {
                 network,
                 identity,
                 until,
-                at,
                 queued,
                 reply,
             } => {
-                if queued.elapsed() > STALE_GRANT {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(StoreError::Stale));
-                    }
-                    return Ok(());
-                }
-                let active = self.gate.active();
-                let Some(policy_source) = active.policy.sources.get(&source) else {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(StoreError::UnknownSource(source)));
-                    }
-                    return Ok(());
+                let result = if queued.elapsed() > STALE_GRANT {
+                    Err(StoreError::Stale)
+                } else {
+                    self.grant(con, &source, network, identity, until).await
                 };
-                let until_arg = match until {
-                    Until::Keep => "keep".to_string(),
-                    Until::Set(None) => "none".to_string(),
-                    Until::Set(Some(ms)) => ms.to_string(),
-                };
-                let answer: Result<Vec<String>, StoreError> = timed(
-                    "grant",
-                    self.scripts
-                        .grant
-                        .key(&self.keys.of(&source))
-                        .arg(network.to_string())
-                        .arg(policy_source.limits.max_ips)
-                        .arg(identity.clone().unwrap_or_default())
-                        .arg(until_arg)
-                        .arg(&self.keys.channel)
-                        .arg(&self.id)
-                        .invoke_async(con),
-                )
-                .await;
-                let out = match answer {
-                    Ok(out) if out.len() >= 3 => out,
-                    Ok(out) => {
-                        let e = StoreError::Unexpected {
-                            what: "grant",
-                            answer: format!("{out:?}"),
-                        };
-                        if let Some(reply) = reply {
-                            let _ = reply.send(Err(e.clone()));
-                        }
-                        return Err(e);
-                    }
-                    Err(e) => {
-                        if let Some(reply) = reply {
-                            let _ = reply.send(Err(e.clone()));
-                        }
-                        return Err(e);
-                    }
-                };
-                self.gate.metrics().write("redis", "ok");
-                let meta = Meta::parse(&out[1]).unwrap_or_default();
-                let seen_at = out[2].parse().unwrap_or(at);
-                let entry = Restore {
-                    network,
-                    first_seen: meta.first_seen.parse().unwrap_or(seen_at),
-                    last_seen: seen_at,
-                    hits: 1,
-                    identity: meta.identity,
-                    until: meta.until.and_then(|u| u.parse().ok()),
-                };
-                let generation =
-                    self.gate
-                        .shared_granted(&source, entry, &out[0], removals(&source, &out[3..]));
-                if let Some(reply) = reply {
-                    let _ = reply.send(Ok(generation));
+                let _ = reply.send(result.clone());
+                // Redis failing ends the session (and starts the retries); a refusal does not.
+                if let Err(
+                    e @ (StoreError::Redis { .. }
+                    | StoreError::Timeout { .. }
+                    | StoreError::Unexpected { .. }),
+                ) = result
+                {
+                    return Err(e);
                 }
             }
             Op::Revoke { network, source } => {
@@ -773,6 +739,63 @@ impl Worker {
         Ok(())
     }
 
+    /// Run the grant script and apply its answer to the local copy; the change counter.
+    async fn grant(
+        &mut self,
+        con: &mut MultiplexedConnection,
+        source: &str,
+        network: IpNet,
+        identity: Option<String>,
+        until: Until,
+    ) -> GrantReply {
+        let active = self.gate.active();
+        let Some(policy_source) = active.policy.sources.get(source) else {
+            return Err(StoreError::UnknownSource(source.to_string()));
+        };
+        let until_arg = match until {
+            Until::Keep => "keep".to_string(),
+            Until::Set(None) => "none".to_string(),
+            Until::Set(Some(ms)) => ms.to_string(),
+        };
+        let out: Vec<String> = timed(
+            "grant",
+            self.scripts
+                .grant
+                .key(&self.keys.of(source))
+                .arg(network.to_string())
+                .arg(policy_source.limits.max_ips)
+                .arg(identity.unwrap_or_default())
+                .arg(until_arg)
+                .arg(&self.keys.channel)
+                .arg(&self.id)
+                .invoke_async(con),
+        )
+        .await?;
+        let parsed = match out.as_slice() {
+            [status, meta, seen_at, ..] => GrantStatus::parse(status)
+                .zip(seen_at.parse::<Millis>().ok())
+                .map(|(status, seen_at)| (status, Meta::parse(meta).unwrap_or_default(), seen_at)),
+            _ => None,
+        };
+        let Some((status, meta, seen_at)) = parsed else {
+            return Err(StoreError::Unexpected {
+                what: "grant",
+                answer: format!("{out:?}"),
+            });
+        };
+        self.gate.metrics().write("redis", "ok");
+        let entry = Restore {
+            network,
+            first_seen: meta.first_seen.parse().unwrap_or(seen_at),
+            last_seen: seen_at,
+            hits: 1,
+            identity: meta.identity,
+            until: meta.until.and_then(|u| u.parse().ok()),
+        };
+        let evicted = removals(source, &out[3..]);
+        Ok(self.gate.shared_granted(source, entry, status, evicted))
+    }
+
     async fn send_revokes(&mut self, con: &mut MultiplexedConnection) -> Result<(), StoreError> {
         while let Some((network, only)) = self.pending_revokes.first().cloned() {
             let sources: Vec<String> = match &only {
@@ -836,13 +859,13 @@ impl Worker {
     async fn flush_touches(&mut self, con: &mut MultiplexedConnection) -> Result<(), StoreError> {
         let mut by_source: HashMap<String, Vec<(IpNet, Millis, u64)>> = HashMap::new();
         let mut seen_now = HashMap::new();
-        for (source, entry) in self.gate.entries_activity() {
-            let (last_seen, hits) = (entry.1, entry.2);
-            let key = (source.clone(), entry.0);
+        for (source, entry) in self.gate.entries_restore() {
+            let (last_seen, hits) = (entry.last_seen, entry.hits);
+            let key = (source.clone(), entry.network);
             let (sent_seen, sent_hits) = self.flushed.get(&key).copied().unwrap_or((0, hits));
             if last_seen > sent_seen || hits > sent_hits {
                 by_source.entry(source).or_default().push((
-                    entry.0,
+                    entry.network,
                     last_seen,
                     hits.saturating_sub(sent_hits),
                 ));

@@ -9,7 +9,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::atomic_file::{self, WriteError, Written};
-use crate::ledger::{Ledger, Millis};
+use crate::ledger::{Ledger, Millis, Restore};
 
 /// The format this build writes and reads; a newer one is refused rather than misread.
 pub const FORMAT: u32 = 1;
@@ -44,6 +44,33 @@ pub struct StoredEntry {
     /// A fixed end set by an operator's grant, ms since the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub until: Option<Millis>,
+}
+
+impl StoredEntry {
+    /// The entry `r` of `source`, as the file keeps it.
+    pub fn new(source: &str, r: Restore) -> Self {
+        StoredEntry {
+            source: source.to_string(),
+            network: r.network,
+            first_seen: r.first_seen,
+            last_seen: r.last_seen,
+            hits: r.hits,
+            identity: r.identity,
+            until: r.until,
+        }
+    }
+
+    /// The entry to put back into the ledger.
+    pub fn to_restore(&self) -> Restore {
+        Restore {
+            network: self.network,
+            first_seen: self.first_seen,
+            last_seen: self.last_seen,
+            hits: self.hits,
+            identity: self.identity.clone(),
+            until: self.until,
+        }
+    }
 }
 
 /// Why the state file could not be used.
@@ -143,15 +170,7 @@ pub fn encode(ledger: &Ledger) -> Vec<u8> {
     let entries = ledger
         .entries()
         .into_iter()
-        .map(|(source, e)| StoredEntry {
-            source: source.to_string(),
-            network: e.network,
-            first_seen: e.first_seen,
-            last_seen: e.last_seen(),
-            hits: e.hits(),
-            identity: e.identity.clone(),
-            until: e.until,
-        })
+        .map(|(source, e)| StoredEntry::new(source, e.to_restore()))
         .collect::<Vec<_>>();
     let mut out = format!("{{\"format\":{FORMAT},\"entries\":[");
     for (i, e) in entries.iter().enumerate() {

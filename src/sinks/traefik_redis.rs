@@ -31,12 +31,13 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::{AsyncConnectionConfig, Client};
 use tracing::{debug, info, warn};
 
 use crate::gate::{Gate, MIN_WRITE_GAP, RETRY_AFTER};
 use crate::ledger::Snapshot;
 use crate::policy::{Traefik, TraefikRedis};
+use crate::shared_store::{StoreError, timed_for};
 use crate::sinks::traefik_file;
 
 /// The name this sink reports its health under (`/healthz`) and logs with.
@@ -109,35 +110,19 @@ fn glob_escape(text: &str) -> String {
     out
 }
 
-/// Why a write to Redis failed. The URL is named by the caller, without its password.
-#[derive(Debug, thiserror::Error)]
-enum KvError {
-    #[error("{what}: {source}")]
-    Redis {
-        what: &'static str,
-        source: RedisError,
-    },
-    #[error("{what}: no answer within {}s", TIMEOUT.as_secs())]
-    Timeout { what: &'static str },
-}
-
 /// Run `call` under [`TIMEOUT`], naming what it was on failure.
 async fn timed<T>(
     what: &'static str,
     call: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, KvError> {
-    match tokio::time::timeout(TIMEOUT, call).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(source)) => Err(KvError::Redis { what, source }),
-        Err(_) => Err(KvError::Timeout { what }),
-    }
+) -> Result<T, StoreError> {
+    timed_for(what, TIMEOUT, call).await
 }
 
 /// Every key matching `pattern`.
 async fn scan(
     conn: &mut MultiplexedConnection,
     pattern: &str,
-) -> Result<BTreeSet<String>, KvError> {
+) -> Result<BTreeSet<String>, StoreError> {
     let mut keys = BTreeSet::new();
     let mut cursor: u64 = 0;
     loop {
@@ -193,7 +178,7 @@ async fn write_middleware(
     root: &str,
     name: &str,
     pairs: &Pairs,
-) -> Result<bool, KvError> {
+) -> Result<bool, StoreError> {
     let base = middleware_base(root, name);
     let existing = scan(conn, &format!("{}*", glob_escape(&base))).await?;
     let wanted: BTreeSet<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
@@ -242,7 +227,7 @@ async fn sweep(
     root: &str,
     prefix: &str,
     keep: &BTreeMap<String, Pairs>,
-) -> Result<usize, KvError> {
+) -> Result<usize, StoreError> {
     if prefix.is_empty() {
         return Ok(0);
     }
@@ -316,13 +301,12 @@ impl Writer {
         self.sweep = true;
     }
 
-    async fn connection(&mut self) -> Result<&mut MultiplexedConnection, KvError> {
+    async fn connection(&mut self) -> Result<&mut MultiplexedConnection, StoreError> {
         if self.conn.is_none() {
-            let client =
-                Client::open(self.config.url.as_str()).map_err(|source| KvError::Redis {
-                    what: "url",
-                    source,
-                })?;
+            let client = Client::open(self.config.url.as_str()).map_err(|e| StoreError::Redis {
+                what: "url",
+                message: e.to_string(),
+            })?;
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(TIMEOUT))
                 .set_response_timeout(Some(TIMEOUT));
@@ -340,7 +324,7 @@ impl Writer {
 
     /// Bring Redis in line with `snapshot`; returns how many middlewares were written or
     /// removed. On an error the connection is dropped and everything is checked again next time.
-    async fn sync(&mut self, snapshot: &Snapshot, traefik: &Traefik) -> Result<usize, KvError> {
+    async fn sync(&mut self, snapshot: &Snapshot, traefik: &Traefik) -> Result<usize, StoreError> {
         let result = self.try_sync(snapshot, traefik).await;
         if result.is_err() {
             self.conn = None;
@@ -349,7 +333,11 @@ impl Writer {
         result
     }
 
-    async fn try_sync(&mut self, snapshot: &Snapshot, traefik: &Traefik) -> Result<usize, KvError> {
+    async fn try_sync(
+        &mut self,
+        snapshot: &Snapshot,
+        traefik: &Traefik,
+    ) -> Result<usize, StoreError> {
         let desired = kv(snapshot, traefik);
         let root = self.config.root_key.clone();
         self.connection().await?;
