@@ -7,8 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,14 +35,8 @@ sources:
     timeout: 1s
 "#;
 
-/// A port with nothing listening on it (bound, then released).
-fn dead_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 fn setup() -> Setup {
-    Setup::new(&POLICY.replace("@DEAD@", &dead_port().to_string()))
+    Setup::new(&POLICY.replace("@DEAD@", &free_port().to_string()))
 }
 
 /// A running daemon with its admin address.
@@ -52,20 +45,10 @@ struct Running {
     admin: SocketAddr,
 }
 
-/// Start the daemon of `setup` with `env` and read `admin_addr=` from its log.
+/// Start the daemon of `setup` with `env`; its admin address is read from its log.
 fn start(setup: &Setup, env: &[(&str, &str)]) -> Running {
     let daemon = Daemon::start(setup.dir.path(), &["--config", "gatekeeper.yaml"], env);
-    let admin = wait_for("the `admin_addr=` log line", SOON, || {
-        let log = daemon.log();
-        log.lines()
-            .filter(|l| l.contains("admin listener ready"))
-            .find_map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("admin_addr="))
-            })
-            .and_then(|a| a.parse().ok())
-            .ok_or(log)
-    });
+    let admin = daemon.admin_addr();
     Running { daemon, admin }
 }
 
@@ -76,90 +59,6 @@ fn start_with_token(setup: &Setup) -> Running {
 // ---------------------------------------------------------------------------------------------
 // HTTP with bodies
 // ---------------------------------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Reply {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
-    }
-
-    fn error(&self) -> String {
-        self.json()["error"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no `error` in {self:?}"))
-            .to_string()
-    }
-}
-
-/// One request with `Connection: close`; the whole answer (de-chunked).
-fn http(
-    addr: SocketAddr,
-    method: &str,
-    target: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Reply {
-    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream.set_read_timeout(Some(SOON)).unwrap();
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !body.is_empty() {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    stream.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8(raw).expect("UTF-8 answer");
-    let (head, rest) = raw
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of head in {raw:?}"));
-    let status = head[9..12].parse().unwrap();
-    let mut reply = Reply {
-        status,
-        head: head.to_string(),
-        body: rest.to_string(),
-    };
-    if reply
-        .header("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
-        reply.body = dechunk(rest);
-    }
-    reply
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    loop {
-        let (size, rest) = s.split_once("\r\n").expect("chunk size line");
-        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
-        if size == 0 {
-            return out;
-        }
-        out.push_str(&rest[..size]);
-        s = &rest[size + 2..];
-    }
-}
 
 fn bearer(token: &str) -> String {
     format!("Bearer {token}")
@@ -633,7 +532,7 @@ fn health_exit_status_follows_the_daemon() {
     assert_eq!(health.status, 503, "{health:?}");
 
     // Nothing listening: a plain message naming the address and the key, exit 1.
-    let dead = SocketAddr::from(([127, 0, 0, 1], dead_port()));
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let (status, stdout, stderr) = cli(&setup, dead, None, &["health"]);
     assert_eq!(status.code(), Some(1));
     assert!(stdout.is_empty(), "{stdout}");

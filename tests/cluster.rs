@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -49,6 +48,13 @@ fn replica(body: &str) -> Replica {
     }
 }
 
+/// Grant `client` by a mirrored request through `via`, and wait (at most a second) until `seen_on`
+/// decides it.
+fn grant_seen(via: SocketAddr, seen_on: SocketAddr, client: &str) {
+    assert_eq!(mirror(via, "ha.example.com", client), 200);
+    allow_becomes(seen_on, client, 200, SECOND);
+}
+
 /// A Redis and two replicas A and B on it (`max_ips`, `extra` source lines), with `client`
 /// granted through A's mirror and already decided on B.
 fn granted_on_two(max_ips: usize, extra: &str, client: &str) -> (Redis, Replica, Replica) {
@@ -56,37 +62,14 @@ fn granted_on_two(max_ips: usize, extra: &str, client: &str) -> (Redis, Replica,
     let body = policy(&redis, max_ips, extra);
     let a = replica(&body);
     let b = replica(&body);
-    assert_eq!(mirror(a.daemon.addr, "ha.example.com", client), 200);
-    allow_becomes(b.daemon.addr, client, 200, SECOND);
+    grant_seen(a.daemon.addr, b.daemon.addr, client);
     (redis, a, b)
 }
 
 fn admin_request(admin: SocketAddr, method: &str, target: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(admin).expect("connect to the admin listener");
-    stream.set_read_timeout(Some(SOON)).unwrap();
-    let request = format!(
-        "{method} {target} HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {TOKEN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .expect("read the admin answer");
-    let status = answer
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"));
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_string());
-    (status, body)
-}
-
-fn health(admin: SocketAddr) -> (u16, String) {
-    let a = Request::new("GET", "/healthz").send(admin);
-    (a.status, a.body)
+    let bearer = format!("Bearer {TOKEN}");
+    let r = http(admin, method, target, &[("Authorization", &bearer)], body);
+    (r.status, r.body)
 }
 
 /// Wait at most `within` for `/allow/{service}` of `client` on `addr` to answer `status`;
@@ -394,12 +377,7 @@ fn redis_outage_keeps_decisions_reports_it_and_converges_after() {
     // copies go back in, the revocation made during the outage wins, and they agree again.
     redis.start_again();
     for r in [&a, &b] {
-        wait_for("/healthz to recover", Duration::from_secs(10), || {
-            let (status, body) = health(r.admin);
-            (status == 200)
-                .then_some(())
-                .ok_or(format!("{status} {body}"))
-        });
+        wait_health(r.admin, 200, Duration::from_secs(10));
     }
     for r in [&a, &b] {
         allow_becomes(r.daemon.addr, "198.51.100.30", 403, Duration::from_secs(6));
@@ -410,11 +388,7 @@ fn redis_outage_keeps_decisions_reports_it_and_converges_after() {
         redis_entries(&redis)
     );
     // New grants flow again.
-    assert_eq!(
-        mirror(b.daemon.addr, "ha.example.com", "198.51.100.33"),
-        200
-    );
-    allow_becomes(a.daemon.addr, "198.51.100.33", 200, SECOND);
+    grant_seen(b.daemon.addr, a.daemon.addr, "198.51.100.33");
     assert_eq!(redis_entries(&redis), vec!["198.51.100.33/32".to_string()]);
 }
 
@@ -423,11 +397,7 @@ fn a_replica_that_starts_later_reads_the_ledger_before_deciding() {
     let redis = Redis::start();
     let body = policy(&redis, 10, "");
     let a = replica(&body);
-    assert_eq!(
-        mirror(a.daemon.addr, "ha.example.com", "198.51.100.40"),
-        200
-    );
-    allow_becomes(a.daemon.addr, "198.51.100.40", 200, SECOND);
+    grant_seen(a.daemon.addr, a.daemon.addr, "198.51.100.40");
     // No state file is written in shared mode.
     assert!(!a.setup.state.exists());
     let b = replica(&body);
@@ -484,17 +454,8 @@ fn a_replica_started_while_redis_is_down_denies_then_joins() {
     assert_eq!(allow_status(a.daemon.addr, "immich", "198.51.100.60"), 403);
 
     redis.start_again();
-    wait_for("/healthz to recover", Duration::from_secs(10), || {
-        let (status, body) = health(a.admin);
-        (status == 200)
-            .then_some(())
-            .ok_or(format!("{status} {body}"))
-    });
-    assert_eq!(
-        mirror(a.daemon.addr, "ha.example.com", "198.51.100.60"),
-        200
-    );
-    allow_becomes(a.daemon.addr, "198.51.100.60", 200, SECOND);
+    wait_health(a.admin, 200, Duration::from_secs(10));
+    grant_seen(a.daemon.addr, a.daemon.addr, "198.51.100.60");
     assert_eq!(redis_entries(&redis), vec!["198.51.100.60/32".to_string()]);
 }
 
@@ -504,11 +465,7 @@ fn a_lowered_max_ips_on_reload_trims_the_shared_ledger() {
     let a = replica(&policy(&redis, 4, ""));
     let b = replica(&policy(&redis, 4, ""));
     for i in 1..=4 {
-        assert_eq!(
-            mirror(a.daemon.addr, "ha.example.com", &format!("198.51.100.7{i}")),
-            200
-        );
-        allow_becomes(b.daemon.addr, &format!("198.51.100.7{i}"), 200, SECOND);
+        grant_seen(a.daemon.addr, b.daemon.addr, &format!("198.51.100.7{i}"));
     }
     // Every replica gets the new policy (the file changes; its content poll picks it up).
     for r in [&a, &b] {

@@ -16,28 +16,13 @@ use common::*;
 const HA: &str = "services:\n  immich: {}\n  nextcloud: {}\n\
                   sources:\n  ha:\n    kind: mirror\n    hosts: [ha.example.com]\n    unlocks: \"*\"\n";
 
-/// `/healthz`: status and body.
-fn health(admin: SocketAddr) -> (u16, String) {
-    let a = Request::new("GET", "/healthz").send(admin);
-    (a.status, a.body)
-}
-
-fn wait_health(admin: SocketAddr, status: u16) -> String {
-    wait_for(&format!("/healthz to answer {status}"), SOON, || {
-        let (s, body) = health(admin);
-        (s == status)
-            .then(|| body.clone())
-            .ok_or(format!("{s} {body}"))
-    })
-}
-
 #[test]
 fn traefik_file_that_is_a_directory_then_repaired() {
     let setup = Setup::new(HA);
     std::fs::create_dir_all(&setup.traefik).unwrap(); // the target path is a directory
     let daemon = setup.start();
     let admin = daemon.admin_addr();
-    let body = wait_health(admin, 503);
+    let body = wait_health(admin, 503, SOON);
     assert!(body.contains("gatekeeper.yml"), "{body}");
     // Decisions keep coming from memory.
     assert_eq!(mirror(daemon.addr, "ha.example.com", "198.51.100.7"), 200);
@@ -46,7 +31,7 @@ fn traefik_file_that_is_a_directory_then_repaired() {
     daemon.wait_log("cannot write outputs");
     // The cause goes away: the next retry writes the file and health is back.
     std::fs::remove_dir(&setup.traefik).unwrap();
-    wait_health(admin, 200);
+    wait_health(admin, 200, SOON);
     setup.wait_lists("the grant in the repaired file", SOON, |l| {
         l["gatekeeper-immich"] == vec!["198.51.100.7/32".to_string()]
     });
@@ -58,15 +43,15 @@ fn directory_that_vanishes_then_comes_back() {
     let setup = Setup::new(HA);
     let daemon = setup.start();
     let admin = daemon.admin_addr();
-    wait_health(admin, 200);
+    wait_health(admin, 200, SOON);
     let dir = setup.traefik.parent().unwrap().to_path_buf();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(mirror(daemon.addr, "ha.example.com", "198.51.100.9"), 200);
-    let body = wait_health(admin, 503);
+    let body = wait_health(admin, 503, SOON);
     assert!(body.contains("traefik"), "{body}");
     assert_eq!(allow_status(daemon.addr, "nextcloud", "198.51.100.9"), 200);
     std::fs::create_dir(&dir).unwrap();
-    wait_health(admin, 200);
+    wait_health(admin, 200, SOON);
     setup.wait_lists("the grant once the directory is back", SOON, |l| {
         l["gatekeeper-nextcloud"] == vec!["198.51.100.9/32".to_string()]
     });
@@ -85,14 +70,14 @@ fn file_size_limit_is_survived_and_recovered_from() {
         &[],
     );
     let admin = daemon.admin_addr();
-    wait_health(admin, 200);
+    wait_health(admin, 200, SOON);
     for i in 1..=10 {
         assert_eq!(
             mirror(daemon.addr, "ha.example.com", &format!("198.51.100.{i}")),
             200
         );
     }
-    let body = wait_health(admin, 503);
+    let body = wait_health(admin, 503, SOON);
     assert!(
         body.contains("File too large") || body.contains("file too large"),
         "{body}"
@@ -100,7 +85,7 @@ fn file_size_limit_is_survived_and_recovered_from() {
     assert!(daemon.child_alive(), "SIGXFSZ must not kill gatekeeper");
     assert_eq!(allow_status(daemon.addr, "immich", "198.51.100.3"), 200);
     // The entries expire, the content fits again, the outputs recover with no help.
-    wait_health(admin, 200);
+    wait_health(admin, 200, SOON);
     setup.wait_lists("every entry expired and written", SOON, |l| {
         l["gatekeeper-immich"] == vec!["0.0.0.0/32".to_string()]
     });

@@ -165,11 +165,6 @@ fn entry(service: &str, kind: &str, rest: &str, value: &str) -> (String, String)
     )
 }
 
-fn healthz(admin: SocketAddr) -> (u16, String) {
-    let a = Request::new("GET", "/healthz").send(admin);
-    (a.status, a.body)
-}
-
 fn revoke(admin: SocketAddr, address: &str) {
     let a = Request::new("DELETE", &format!("/api/v1/entries/{address}"))
         .header("Authorization", format!("Bearer {TOKEN}"))
@@ -347,21 +342,19 @@ fn redis_outage_is_reported_while_decisions_go_on_and_an_empty_redis_is_rewritte
     let admin = daemon.admin_addr();
     assert_eq!(mirror(daemon.addr, "ha.example.com", "203.0.113.5"), 200);
     wait_kv_equals_file(&redis, &setup, "the first client in the KV");
-    wait_for("/healthz 200", SOON, || match healthz(admin) {
+    wait_for("/healthz 200", SOON, || match health(admin) {
         (200, _) => Ok(()),
         other => Err(format!("{other:?}")),
     });
 
     redis.cli(&["SET", "marker", "1"]);
     redis.stop();
-    let body = wait_for(
-        "/healthz 503 naming traefik.redis",
-        SOON,
-        || match healthz(admin) {
+    let body = wait_for("/healthz 503 naming traefik.redis", SOON, || {
+        match health(admin) {
             (503, body) if body.contains("traefik.redis") => Ok(body),
             other => Err(format!("{other:?}")),
-        },
-    );
+        }
+    });
     assert!(body.contains(&redis.url()), "names the server: {body}");
 
     // Decisions come from memory: the known client passes, a new grant counts at once.
@@ -372,7 +365,7 @@ fn redis_outage_is_reported_while_decisions_go_on_and_an_empty_redis_is_rewritte
     setup.wait_lists("the new client in the Traefik file", SOON, |l| {
         l.get("gatekeeper-immich").is_some_and(|r| r.len() == 2)
     });
-    assert_eq!(healthz(admin).0, 503, "still failing while Redis is down");
+    assert_eq!(health(admin).0, 503, "still failing while Redis is down");
 
     // Back, empty: everything is written again, the grant made meanwhile included, and health
     // recovers, all within a few seconds and without restarting gatekeeper.
@@ -390,7 +383,7 @@ fn redis_outage_is_reported_while_decisions_go_on_and_an_empty_redis_is_rewritte
         strings(&["198.51.100.23/32", "203.0.113.5/32"])
     );
     assert_eq!(lists.len(), 3, "{lists:?}");
-    wait_for("/healthz 200 again", FEW_SECONDS, || match healthz(admin) {
+    wait_for("/healthz 200 again", FEW_SECONDS, || match health(admin) {
         (200, _) => Ok(()),
         other => Err(format!("{other:?}")),
     });
@@ -432,7 +425,7 @@ fn reload_drops_a_removed_services_keys_and_follows_a_new_url() {
     assert!(has_foreign(&kv), "keys outside the prefix stay: {kv:#?}");
     let lists = wait_kv_equals_file(&redis, &setup, "two middlewares in KV and file");
     assert_eq!(lists.len(), 2, "{lists:?}");
-    assert!(healthz(daemon.admin_addr()).0 == 200);
+    assert!(health(daemon.admin_addr()).0 == 200);
 
     // A new server: written there without a restart.
     let other = Redis::start();

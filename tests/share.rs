@@ -96,6 +96,16 @@ impl World {
     }
 
     /// Networks in the state file, as `source network`.
+    /// Nothing is in the state file, and every middleware lets nobody in.
+    fn assert_nothing_granted(&self) {
+        assert!(self.granted().is_empty(), "{:?}", self.granted());
+        let lists = self.setup.lists();
+        assert!(
+            lists.values().all(|l| *l == strings(&[NOBODY])),
+            "{lists:?}"
+        );
+    }
+
     fn granted(&self) -> Vec<String> {
         self.setup
             .state_entries()
@@ -563,12 +573,7 @@ fn hostile_forwarded_uris_get_403_and_reach_neither_the_canary_nor_the_upstream(
         "the redirect was followed"
     );
 
-    assert!(w.granted().is_empty(), "{:?}", w.granted());
-    let lists = w.setup.lists();
-    assert!(
-        lists.values().all(|l| *l == strings(&[NOBODY])),
-        "{lists:?}"
-    );
+    w.assert_nothing_granted();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -790,12 +795,6 @@ fn checks_in_flight_per_source_are_bounded_by_max_concurrent_checks() {
 // Failing closed
 // ---------------------------------------------------------------------------------------------
 
-/// A port on 127.0.0.1 that nothing listens on (bound, then released).
-fn dead_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 #[test]
 fn dead_or_resetting_upstream_is_503_and_grants_nothing() {
     let reset = StandIn::nextcloud(&[&token(1)], Mode::Reset);
@@ -813,7 +812,7 @@ fn dead_or_resetting_upstream_is_503_and_grants_nothing() {
     unlocks: [nextcloud]
     timeout: 1s
 ",
-        dead_port(),
+        free_port(),
         reset.origin()
     );
     let w = World::start(FILE_NO_WAIT, "", &more);
@@ -927,12 +926,7 @@ fn untrusted_peer_gets_403_and_the_upstream_is_never_asked() {
     }
     assert!(w.immich.hits().is_empty(), "{:?}", w.immich.lines());
     assert!(w.nextcloud.hits().is_empty(), "{:?}", w.nextcloud.lines());
-    assert!(w.granted().is_empty(), "{:?}", w.granted());
-    let lists = w.setup.lists();
-    assert!(
-        lists.values().all(|l| *l == strings(&[NOBODY])),
-        "{lists:?}"
-    );
+    w.assert_nothing_granted();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -381,6 +381,119 @@ pub struct Response {
     pub head: String,
 }
 
+/// A port on 127.0.0.1 that nothing listens on right now (bound, then released; whoever binds
+/// it next must retry on "address in use").
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// `/healthz` of the admin listener at `admin`: status and body.
+pub fn health(admin: SocketAddr) -> (u16, String) {
+    let a = http(admin, "GET", "/healthz", &[], "");
+    (a.status, a.body)
+}
+
+/// Wait at most `within` for `/healthz` to answer `status`; its body.
+pub fn wait_health(admin: SocketAddr, status: u16, within: Duration) -> String {
+    wait_for(&format!("/healthz to answer {status}"), within, || {
+        let (s, body) = health(admin);
+        (s == status)
+            .then(|| body.clone())
+            .ok_or(format!("{s} {body}"))
+    })
+}
+
+/// A whole answer: status, head and (de-chunked) body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub head: String,
+    pub body: String,
+}
+
+impl Reply {
+    /// The value of header `name`, if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    /// The `error` of an admin API error body.
+    pub fn error(&self) -> String {
+        self.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no `error` in {self:?}"))
+            .to_string()
+    }
+}
+
+/// One request with `Connection: close` (a JSON `body` when not empty); the whole answer.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(SOON)).unwrap();
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    stream.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8(raw).expect("UTF-8 answer");
+    let (head, rest) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in {raw:?}"));
+    let status = head[9..12].parse().unwrap();
+    let mut reply = Reply {
+        status,
+        head: head.to_string(),
+        body: rest.to_string(),
+    };
+    if reply
+        .header("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        reply.body = dechunk(rest);
+    }
+    reply
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = s.split_once("\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        s = &rest[size + 2..];
+    }
+}
+
 /// Send `request` as is, then read the response head. Writing happens on its own thread so a
 /// server that answers before reading the body (mirrored requests) is read while the body is
 /// still going out, instead of the answer being lost to a reset.

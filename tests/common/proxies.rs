@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Daemon, POLL, SOON, read_state, wait_for};
+use super::{Daemon, POLL, SOON, free_port, read_state, wait_for};
 
 /// The trusted site (client certificate required, its traffic is the mirror source).
 pub const HA: &str = "ha.test";
@@ -186,15 +186,6 @@ fn openssl() -> PathBuf {
 /// The repository's `deploy/` directory.
 pub fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
-}
-
-/// A port nobody listens on right now. It is released before use, so whoever binds it next
-/// must retry on "address in use".
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
 }
 
 fn send_signal(pid: u32, signal: &str) {
@@ -1444,3 +1435,33 @@ pub mod flows {
         stack.wait_grants(&[("home-assistant", PHONE), ("immich-share", VIEWER)]);
     }
 }
+
+/// One `#[test]` per flow of [`flows`] for `$proxy`, so every proxy runs the same list. (Only the
+/// end-to-end binaries use it.)
+#[allow(unused_macros)]
+macro_rules! flow_tests {
+    ($proxy:expr) => {
+        $crate::common::proxies::flow_tests!(
+            $proxy;
+            phone_with_certificate_reaches_what_its_source_unlocks,
+            certificate_subject_is_the_identity_and_a_rule_narrows_it,
+            stranger_is_refused_whatever_it_claims,
+            client_without_a_valid_certificate_is_refused_and_never_granted,
+            share_link_opens_only_the_sharing_app,
+            invalid_share_link_is_refused_and_grants_nothing,
+            share_check_503_and_429_reach_the_client,
+            access_expires_after_idle_ttl,
+            gatekeeper_restart_keeps_access
+        );
+    };
+    ($proxy:expr; $($flow:ident),*) => {
+        $(
+            #[test]
+            fn $flow() {
+                $crate::common::proxies::flows::$flow($proxy);
+            }
+        )*
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use flow_tests;

@@ -3,10 +3,12 @@
 //! and a raw PING over TcpStream), so it depends on nothing but the installed binaries.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::free_port;
 
 /// How long a start may take before the server is declared broken.
 const START_TIMEOUT: Duration = Duration::from_secs(5);
@@ -162,14 +164,6 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// A port nothing listens on right now (bound, then released).
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
 }
 
 /// Does a server on `port` answer PING with PONG?
