@@ -182,53 +182,29 @@ fn max_ips_holds_cluster_wide_under_concurrent_grants() {
     // 50 operator grants for different clients, half on each replica, all released at once.
     // Each is acknowledged only once Redis holds it, so the test knows when each was sent and
     // acknowledged.
-    let barrier = Arc::new(Barrier::new(50));
-    let handles: Vec<_> = (0..50)
-        .map(|i| {
-            let barrier = barrier.clone();
-            let admin = admins[i % 2];
-            std::thread::spawn(move || {
-                let client = format!("198.51.100.{}", i + 1);
-                barrier.wait();
-                let sent = Instant::now();
-                let (status, reply) = admin_request(
-                    admin,
-                    "POST",
-                    "/api/v1/entries",
-                    &format!(r#"{{"source":"ha","address":"{client}"}}"#),
-                );
-                // 201, or 409 when newer grants already evicted it again before the answer:
-                // either way Redis took it.
-                assert!(
-                    status == 201 || (status == 409 && reply.contains("evicted")),
-                    "{client}: {status} {reply}"
-                );
-                (format!("{client}/32"), sent, Instant::now())
-            })
-        })
-        .collect();
-    let grants: Vec<(String, Instant, Instant)> =
-        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let grants: Vec<(String, Instant, Instant)> = at_once(50, move |i| {
+        let client = format!("198.51.100.{}", i + 1);
+        let sent = Instant::now();
+        let (status, reply) = admin_request(
+            admins[i % 2],
+            "POST",
+            "/api/v1/entries",
+            &format!(r#"{{"source":"ha","address":"{client}"}}"#),
+        );
+        // 201, or 409 when newer grants already evicted it again before the answer: either
+        // way Redis took it.
+        assert!(
+            status == 201 || (status == 409 && reply.contains("evicted")),
+            "{client}: {status} {reply}"
+        );
+        (format!("{client}/32"), sent, Instant::now())
+    });
+    let first: Vec<String> = grants.iter().map(|g| g.0.clone()).collect();
 
     // Exactly four remain in Redis, and both replicas converge on the same four.
     let survivors = redis_entries(&redis);
     assert_eq!(survivors.len(), 4, "{survivors:?}");
-    for addr in addrs {
-        wait_for("each replica to allow exactly the four", SECOND, || {
-            let allowed: Vec<String> = grants
-                .iter()
-                .filter(|(net, _, _)| {
-                    allow_status(addr, "immich", net.trim_end_matches("/32")) == 200
-                })
-                .map(|(net, _, _)| net.clone())
-                .collect();
-            let mut allowed = allowed;
-            allowed.sort();
-            (allowed == survivors)
-                .then_some(())
-                .ok_or(format!("{allowed:?} vs {survivors:?}"))
-        });
-    }
+    wait_allowed_exactly(&addrs, &first, &survivors);
     // The four most recently seen: no evicted grant was sent after a survivor was acknowledged
     // (that survivor would then certainly be older than it).
     for (net, sent, _) in grants.iter().filter(|g| !survivors.contains(&g.0)) {
@@ -243,21 +219,11 @@ fn max_ips_holds_cluster_wide_under_concurrent_grants() {
     // The same through the mirror path, whose 200 does not wait for the grant: 50 new clients at
     // once, half through each replica. Once the scripts have run, exactly four remain and they
     // are all from this newer batch (every earlier grant was less recently seen).
-    let barrier = Arc::new(Barrier::new(50));
-    let handles: Vec<_> = (0..50)
-        .map(|i| {
-            let barrier = barrier.clone();
-            let addr = addrs[i % 2];
-            std::thread::spawn(move || {
-                let client = format!("198.51.101.{}", i + 1);
-                barrier.wait();
-                assert_eq!(mirror(addr, "ha.example.com", &client), 200);
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
+    let mirrored: Vec<String> = at_once(50, move |i| {
+        let client = format!("198.51.101.{}", i + 1);
+        assert_eq!(mirror(addrs[i % 2], "ha.example.com", &client), 200);
+        format!("{client}/32")
+    });
     // Every mirror 200 came before its grant: wait until both replicas have counted all 100 new
     // grants (50 by the API, 50 mirrored), then read what Redis kept.
     wait_for("all 100 grants to be made", SECOND, || {
@@ -269,23 +235,42 @@ fn max_ips_holds_cluster_wide_under_concurrent_grants() {
         survivors.len() == 4 && survivors.iter().all(|n| n.starts_with("198.51.101.")),
         "{survivors:?}"
     );
-    for addr in addrs {
-        wait_for("each replica to allow exactly those four", SECOND, || {
-            let allowed: Vec<String> = (1..=50)
-                .map(|i| format!("198.51.101.{i}"))
-                .chain(
-                    grants
-                        .iter()
-                        .map(|g| g.0.trim_end_matches("/32").to_string()),
-                )
-                .filter(|c| allow_status(addr, "immich", c) == 200)
-                .map(|c| format!("{c}/32"))
+    let everyone: Vec<String> = mirrored.into_iter().chain(first).collect();
+    wait_allowed_exactly(&addrs, &everyone, &survivors);
+}
+
+/// Run `f(0)` … `f(n - 1)` on `n` threads released together by a barrier; their results in order.
+fn at_once<T: Send + 'static>(
+    n: usize,
+    f: impl Fn(usize) -> T + Send + Sync + Copy + 'static,
+) -> Vec<T> {
+    let barrier = Arc::new(Barrier::new(n));
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                f(i)
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Wait (at most a second each) until every replica at `addrs` allows, of the `candidates`
+/// (networks), exactly `expected` (sorted).
+fn wait_allowed_exactly(addrs: &[SocketAddr], candidates: &[String], expected: &[String]) {
+    for &addr in addrs {
+        wait_for("the replica to allow exactly the survivors", SECOND, || {
+            let mut allowed: Vec<String> = candidates
+                .iter()
+                .filter(|net| allow_status(addr, "immich", net.trim_end_matches("/32")) == 200)
+                .cloned()
                 .collect();
-            let mut allowed = allowed;
             allowed.sort();
-            (allowed == survivors)
+            (allowed == expected)
                 .then_some(())
-                .ok_or(format!("{allowed:?} vs {survivors:?}"))
+                .ok_or(format!("{allowed:?} vs {expected:?}"))
         });
     }
 }
