@@ -212,7 +212,7 @@ fn one_line(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::ledger::ServiceList;
     use crate::policy::IpStrategy as PolicyIpStrategy;
@@ -233,7 +233,8 @@ mod tests {
         }
     }
 
-    fn service(name: &str, allowed: &[&str]) -> ServiceList {
+    /// A service list from network literals (also for the KV sink's tests).
+    pub(crate) fn service(name: &str, allowed: &[&str]) -> ServiceList {
         ServiceList {
             name: name.into(),
             allowed: allowed.iter().map(|net| net.parse().unwrap()).collect(),

@@ -468,8 +468,8 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::ServiceList;
     use crate::policy::{IpStrategy, TraefikVersion};
+    use crate::sinks::traefik_file::tests::service;
 
     fn traefik(version: TraefikVersion, ip_strategy: Option<IpStrategy>) -> Traefik {
         Traefik {
@@ -483,13 +483,6 @@ mod tests {
                 url: "redis://127.0.0.1:6379/0".into(),
                 root_key: "traefik".into(),
             }),
-        }
-    }
-
-    fn service(name: &str, allowed: &[&str]) -> ServiceList {
-        ServiceList {
-            name: name.into(),
-            allowed: allowed.iter().map(|n| n.parse().unwrap()).collect(),
         }
     }
 
