@@ -126,23 +126,11 @@ impl Budget {
         classify: impl Fn(IpAddr) -> Class + Send + Sync + 'static,
         counts: Arc<ConnectionCounts>,
     ) -> Self {
-        Self::with_sizes(
-            classify,
-            counts,
-            [
-                TRUSTED_CONNECTIONS,
-                UNTRUSTED_CONNECTIONS,
-                ADMIN_CONNECTIONS,
-            ],
-        )
-    }
-
-    /// As [`Budget::new`] with other sizes, indexed like [`Class`] (tests).
-    pub fn with_sizes(
-        classify: impl Fn(IpAddr) -> Class + Send + Sync + 'static,
-        counts: Arc<ConnectionCounts>,
-        sizes: [usize; 3],
-    ) -> Self {
+        let sizes = [
+            TRUSTED_CONNECTIONS,
+            UNTRUSTED_CONNECTIONS,
+            ADMIN_CONNECTIONS,
+        ];
         Budget {
             classify: Arc::new(classify),
             slots: Arc::new(sizes.map(|n| Arc::new(Semaphore::new(n)))),
