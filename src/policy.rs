@@ -177,14 +177,16 @@ pub fn without_password(url: &str) -> String {
 /// A Redis URL gatekeeper can use: `redis://` or `rediss://` with a host. The error names the
 /// value; credentials are not echoed.
 pub fn parse_redis_url(url: &str) -> Result<String, String> {
-    let shown = without_password(url);
-    let rest = url
-        .strip_prefix("redis://")
-        .or_else(|| url.strip_prefix("rediss://"));
-    match rest {
-        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(url.to_string()),
+    match url::Url::parse(url) {
+        Ok(u)
+            if matches!(u.scheme(), "redis" | "rediss")
+                && u.host_str().is_some_and(|h| !h.is_empty()) =>
+        {
+            Ok(url.to_string())
+        }
         _ => Err(format!(
-            "`{shown}` is not a Redis URL (expected redis://host:6379/0 or rediss://…)"
+            "`{}` is not a Redis URL (expected redis://host:6379/0 or rediss://…)",
+            without_password(url)
         )),
     }
 }
