@@ -1,13 +1,19 @@
 //! The crash-safe file writer shared by the Traefik sink and the state file: write a temp file
-//! in the same directory, fsync it, rename it over the target, fsync the directory; fall back to
+//! on the same filesystem, fsync it, rename it over the target, fsync the directory; fall back to
 //! rewriting in place where a Docker single-file bind mount makes the rename impossible.
 //!
 //! Decisions worth knowing:
-//! - The temp file is `.<name>.gatekeeper-tmp-<pid>` next to the target: hidden, and with no
-//!   `.yml`/`.yaml`/`.toml`/`.json` suffix, so a Traefik file provider watching the directory
-//!   never loads a half-written file. Temp files left by a crash (kill -9 between create and
-//!   rename) are swept before every write; in a container the pid is often 1 on every start, so
-//!   the sweep cannot tell "ours" by pid and relies on a process-wide write lock instead.
+//! - The temp file is `.<name>.gatekeeper-tmp-<pid>`: hidden, and with no
+//!   `.yml`/`.yaml`/`.toml`/`.json` suffix, so a Traefik file provider never loads a half-written
+//!   file. For a file in a directory Traefik watches ([`write_if_changed_unwatched`]) it lives in
+//!   the subdirectory [`TEMP_DIR`]: Traefik watches the directory itself, not its
+//!   subdirectories, so creating and filling the temp file wakes nothing, and the rename into
+//!   the directory is the one change Traefik sees. Every event in the watched directory makes
+//!   Traefik re-read it and starts its 2 s provider throttle, so a temp file next to the target
+//!   delayed every real change by that throttle.
+//! - Temp files left by a crash (kill -9 between create and rename) are swept before every
+//!   write; in a container the pid is often 1 on every start, so the sweep cannot tell "ours" by
+//!   pid and relies on a process-wide write lock instead.
 //! - Missing parent directories are *not* created: a typo in a path should fail with an error
 //!   naming the directory, not silently write somewhere Traefik is not watching.
 //! - An existing target keeps its permission bits (an operator's `chmod 640` survives); a new
@@ -151,15 +157,43 @@ fn lock() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The subdirectory of a watched directory that holds the temp files, created on first use.
+pub const TEMP_DIR: &str = ".gatekeeper-tmp";
+
+/// Where the temp file of a write goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TempPlace {
+    /// Next to the target.
+    Beside,
+    /// In [`TEMP_DIR`] inside the target's directory, where a directory watch does not see it;
+    /// next to the target when that subdirectory cannot be made.
+    Unwatched,
+}
+
 /// Writes `bytes` to `path` unless the file already holds exactly these bytes, in which case it
 /// is not touched at all (no new inode, no mtime change, no Traefik reload).
 pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
+    write_if_changed_in(path, bytes, TempPlace::Beside)
+}
+
+/// [`write_if_changed`] for a file in a directory that Traefik (or another watcher) watches: the
+/// temp file is made in [`TEMP_DIR`], so the rename is the only change the watcher sees.
+pub fn write_if_changed_unwatched(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
+    write_if_changed_in(path, bytes, TempPlace::Unwatched)
+}
+
+fn write_if_changed_in(path: &Path, bytes: &[u8], place: TempPlace) -> Result<Written, WriteError> {
     let _guard = lock();
     match fs::read(path) {
         Ok(current) if current == bytes => {
             // A temp file left by a kill -9 goes now, not only at the next change.
             let (dir, name) = split(path)?;
-            sweep_stale_temps(&dir, &temp_prefix(&name))?;
+            let prefix = temp_prefix(&name);
+            sweep_stale_temps(&dir, &prefix)?;
+            let hidden = dir.join(TEMP_DIR);
+            if place == TempPlace::Unwatched && hidden.is_dir() {
+                sweep_stale_temps(&hidden, &prefix)?;
+            }
             return Ok(Written::Unchanged);
         }
         Ok(_) => {}
@@ -171,7 +205,7 @@ pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<Written, WriteError
             });
         }
     }
-    write_locked(path, bytes)
+    write_locked(path, bytes, place)
 }
 
 /// Replaces `path` with `bytes` crash-safely: temp file in the same directory, fsync, rename,
@@ -179,17 +213,27 @@ pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<Written, WriteError
 /// single-file bind mount makes that impossible; see [`Written`].
 pub fn write(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
     let _guard = lock();
-    write_locked(path, bytes)
+    write_locked(path, bytes, TempPlace::Beside)
 }
 
-fn write_locked(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
+fn write_locked(path: &Path, bytes: &[u8], place: TempPlace) -> Result<Written, WriteError> {
     let (dir, name) = split(path)?;
     let prefix = temp_prefix(&name);
     sweep_stale_temps(&dir, &prefix)?;
+    let temp_dir = match place {
+        TempPlace::Beside => dir.clone(),
+        TempPlace::Unwatched => match unwatched_temp_dir(&dir) {
+            Some(hidden) => {
+                sweep_stale_temps(&hidden, &prefix)?;
+                hidden
+            }
+            None => dir.clone(),
+        },
+    };
 
     let mut temp_name = prefix;
     temp_name.push(std::process::id().to_string());
-    let temp = dir.join(temp_name);
+    let temp = temp_dir.join(temp_name);
 
     let mut file = match OpenOptions::new().write(true).create_new(true).open(&temp) {
         Ok(file) => file,
@@ -237,6 +281,28 @@ fn split(path: &Path) -> Result<(PathBuf, OsString), WriteError> {
         _ => PathBuf::from("."),
     };
     Ok((dir, name.to_owned()))
+}
+
+/// [`TEMP_DIR`] in `dir`, made (0700) if missing; `None` when it cannot be had (a read-only
+/// directory, a file of that name), and the temp file then goes next to the target, as before.
+fn unwatched_temp_dir(dir: &Path) -> Option<PathBuf> {
+    let hidden = dir.join(TEMP_DIR);
+    if hidden.is_dir() {
+        return Some(hidden);
+    }
+    let mut builder = fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    match builder.create(&hidden) {
+        Ok(()) => Some(hidden),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists && hidden.is_dir() => {
+            Some(hidden)
+        }
+        Err(error) => {
+            tracing::debug!(dir = %hidden.display(), %error, "no hidden temp directory; the temp file goes next to the target");
+            None
+        }
+    }
 }
 
 /// `.<name>.gatekeeper-tmp-`: hidden, and never ending in an extension Traefik loads.
@@ -385,6 +451,38 @@ mod tests {
         assert_eq!(write(&target, b"second\n").unwrap(), Written::Renamed);
         assert_eq!(fs::read(&target).unwrap(), b"second\n");
         assert_eq!(names_in(dir.path()), ["gatekeeper.yml"]);
+    }
+
+    #[test]
+    fn unwatched_writes_fall_back_to_beside_without_their_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the hidden directory would go.
+        fs::write(dir.path().join(TEMP_DIR), b"in the way").unwrap();
+        let target = dir.path().join("gatekeeper.yml");
+        assert_eq!(
+            write_if_changed_unwatched(&target, b"x").unwrap(),
+            Written::Renamed
+        );
+        assert_eq!(fs::read(&target).unwrap(), b"x");
+        assert_eq!(names_in(dir.path()), [TEMP_DIR, "gatekeeper.yml"]);
+    }
+
+    #[test]
+    fn stale_temps_in_the_hidden_directory_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("gatekeeper.yml");
+        write_if_changed_unwatched(&target, b"old").unwrap();
+        let stale = dir
+            .path()
+            .join(TEMP_DIR)
+            .join(".gatekeeper.yml.gatekeeper-tmp-1");
+        fs::write(&stale, b"half").unwrap();
+        // Swept even when nothing needs writing.
+        assert_eq!(
+            write_if_changed_unwatched(&target, b"old").unwrap(),
+            Written::Unchanged
+        );
+        assert!(!stale.exists());
     }
 
     #[test]

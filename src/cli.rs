@@ -136,19 +136,8 @@ pub fn summary(policy: &Policy) -> String {
         out,
         "\nservices: reference the middleware on each service's routers"
     );
-    // The provider Traefik reads the middleware from: its KV (Redis) provider when gatekeeper
-    // writes only there.
-    let provider = if policy.traefik.file.is_none() && policy.traefik.redis.is_some() {
-        "redis"
-    } else {
-        "file"
-    };
     for (name, service) in &policy.services {
-        let _ = write!(
-            out,
-            "  {name:<16} {}@{provider}",
-            policy.traefik.middleware_name(name)
-        );
+        let _ = write!(out, "  {name:<16} {}", policy.traefik.middleware_ref(name));
         if !service.always_allow.is_empty() {
             let _ = write!(out, "  (always allows {})", join(&service.always_allow));
         }
@@ -184,6 +173,11 @@ pub fn summary(policy: &Policy) -> String {
             let _ = writeln!(out, "  traefik file     none (traefik.file is not set)");
         }
     }
+    let _ = writeln!(
+        out,
+        "  traefik HTTP     {} on the listener ({kind}, provider `http`)",
+        crate::http::DYNAMIC_JSON
+    );
     if let Some(kv) = &policy.traefik.redis {
         let _ = writeln!(
             out,

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::atomic_file::Written;
 use crate::client_ip::ClientIp;
 use crate::ledger::{Ledger, Millis, Recorded, Removal, Removed, Restore, Snapshot, now_millis};
 use crate::metrics::Metrics;
@@ -24,6 +25,7 @@ use crate::notify::{Event, Notifier};
 use crate::policy::EventKind;
 use crate::policy::Policy;
 use crate::shared_store::{self, GrantReply, GrantStatus, Until};
+use crate::sinks::traefik_apply::Propagation;
 use crate::sinks::traefik_file;
 use crate::sources::share::{self, ShareState};
 use crate::store::{self, StoreError, StoredEntry};
@@ -108,8 +110,11 @@ struct Inner {
     persisted: watch::Sender<u64>,
     /// The highest change counter known to be in the Traefik file (or every change, without one).
     written: watch::Sender<u64>,
-    /// What the proxy is shown (Traefik file, HTTP provider): only what the state file holds.
-    shown: ArcSwap<Snapshot>,
+    /// What the proxy is shown (Traefik file, HTTP provider): only what the state file holds,
+    /// with the change counter up to which every grant is in it.
+    shown: ArcSwap<(Arc<Snapshot>, u64)>,
+    /// When Traefik applies what the sinks wrote (share answers wait for it).
+    propagation: Propagation,
     /// Bumped each time `shown` is swapped; other sinks (Traefik's KV) watch it.
     shown_changes: watch::Sender<u64>,
     /// Problems other parts report for `/healthz` (the KV sink, the shared store), by part.
@@ -211,7 +216,8 @@ impl Gate {
                 active: ArcSwap::from_pointee(active),
                 ledger: Mutex::new(ledger),
                 // Restored entries came from the state file: they may be shown at once.
-                shown: ArcSwap::new(snapshot.clone()),
+                shown: ArcSwap::from_pointee((snapshot.clone(), 0)),
+                propagation: Propagation::default(),
                 snapshot: ArcSwap::new(snapshot),
                 shown_changes: watch::Sender::new(0),
                 problems: Mutex::new(BTreeMap::new()),
@@ -241,7 +247,18 @@ impl Gate {
     /// What the proxy is shown: the snapshot of the last Traefik file, which never holds a grant
     /// the state file lacks. Decisions (`/allow`) use [`Gate::snapshot`] instead.
     pub fn shown(&self) -> Arc<Snapshot> {
-        self.inner.shown.load_full()
+        self.inner.shown.load().0.clone()
+    }
+
+    /// [`Gate::shown`] with the change counter up to which every grant is in it.
+    pub fn shown_with_generation(&self) -> (Arc<Snapshot>, u64) {
+        let shown = self.inner.shown.load();
+        (shown.0.clone(), shown.1)
+    }
+
+    /// What gatekeeper knows of when Traefik applies what the sinks wrote.
+    pub fn propagation(&self) -> &Propagation {
+        &self.inner.propagation
     }
 
     /// Wakes whenever what the proxy is shown ([`Gate::shown`]) was swapped, for sinks that
@@ -884,17 +901,21 @@ impl OutputWriter {
         // What the proxy is shown: everything, once the state file holds it; while the state
         // file cannot be written, only entries it already holds, so revocations and expiries
         // still reach the proxy but a grant that would be forgotten by a crash does not.
-        let shown = if state_ok {
+        let (shown, shown_generation) = if state_ok {
             self.persisted = entries;
             publish_at_least(&gate.inner.persisted, generation);
-            snapshot
+            (snapshot, generation)
         } else {
             let persisted = &self.persisted;
-            Arc::new(gate.ledger().snapshot_of(policy, |source, network| {
+            let snapshot = Arc::new(gate.ledger().snapshot_of(policy, |source, network| {
                 persisted.contains(&(source.to_string(), *network))
-            }))
+            }));
+            // Every grant up to the last persisted change is in it, none after.
+            (snapshot, *gate.inner.persisted.borrow())
         };
-        gate.inner.shown.store(shown.clone());
+        gate.inner
+            .shown
+            .store(Arc::new((shown.clone(), shown_generation)));
         gate.inner.shown_changes.send_modify(|n| *n += 1);
         let snapshot = shown;
 
@@ -904,9 +925,26 @@ impl OutputWriter {
             let yaml = (path.clone(), yaml);
             if self.traefik.as_ref() != Some(&yaml) {
                 match traefik_file::write(path, &yaml.1) {
-                    Ok(_) => {
+                    Ok(done) => {
                         gate.inner.metrics.write("traefik", "ok");
+                        // The first write of this process may follow the creation of the hidden
+                        // temp directory, and Traefik may watch the old file itself since its
+                        // start: more than one notification, the first possibly stale.
+                        let first = self.traefik.is_none();
                         self.traefik = Some(yaml);
+                        let file = &gate.inner.propagation.file;
+                        let throttle = policy.traefik.throttle;
+                        let now = tokio::time::Instant::now();
+                        match done {
+                            // The rename: one notification, complete.
+                            Written::Renamed if first => {
+                                file.wrote(shown_generation, now, 3, 1, throttle)
+                            }
+                            Written::Renamed => file.wrote(shown_generation, now, 1, 0, throttle),
+                            // Truncate, then write: Traefik may read the file in between.
+                            Written::InPlace => file.wrote(shown_generation, now, 2, 1, throttle),
+                            Written::Unchanged => file.unchanged(shown_generation),
+                        }
                     }
                     Err(e) => {
                         gate.inner.metrics.write("traefik", "error");
@@ -914,6 +952,8 @@ impl OutputWriter {
                         errors.push(e.to_string());
                     }
                 }
+            } else {
+                gate.inner.propagation.file.unchanged(shown_generation);
             }
         }
         if written {

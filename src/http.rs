@@ -30,6 +30,9 @@ use crate::policy::SourceKind;
 use crate::sinks::traefik_file;
 use crate::sources::{mirror, share};
 
+/// Where Traefik's HTTP provider reads the lists (`providers.http.endpoint`).
+pub const DYNAMIC_JSON: &str = "/traefik/dynamic.json";
+
 /// The router for the proxy-facing listener, every endpoint included. Requests must carry
 /// `ConnectInfo<SocketAddr>` (see [`crate::server::serve`]). The daemon serves it behind
 /// [`Proxy`], which answers the hot paths before it.
@@ -37,7 +40,7 @@ pub fn router(gate: Gate) -> Router {
     Router::new()
         .route("/share/{source}", any(share_check))
         .route("/allow/{service}", any(allow))
-        .route("/traefik/dynamic.json", get(dynamic_json))
+        .route(DYNAMIC_JSON, get(dynamic_json))
         .route("/verify_share_request", any(legacy_verify))
         .fallback(unclaimed)
         .layer(middleware::from_fn_with_state(gate.clone(), mirrored))
@@ -219,7 +222,7 @@ fn endpoint_of(path: &str, catch_all: bool) -> Endpoint {
         Endpoint::Share
     } else if path.starts_with("/allow/") {
         Endpoint::Allow
-    } else if path == "/traefik/dynamic.json" {
+    } else if path == DYNAMIC_JSON {
         Endpoint::DynamicJson
     } else if path == "/verify_share_request" {
         Endpoint::LegacyVerify
@@ -321,12 +324,24 @@ async fn dynamic_json(State(gate): State<Gate>, ConnectInfo(peer): Peer) -> Resp
         return (StatusCode::FORBIDDEN, "forbidden\n").into_response();
     }
     // The same content as the file: what the state file holds, never more.
-    let json = traefik_file::render_json(&gate.shown(), &active.policy.traefik);
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        json.to_string(),
-    )
-        .into_response()
+    let (shown, generation) = gate.shown_with_generation();
+    let body = traefik_file::render_json(&shown, &active.policy.traefik).to_string();
+    // Traefik applies a fetched body only when it differs from its previous one; share answers
+    // wait for the fetch that carries their grant.
+    let hash = {
+        use std::hash::{DefaultHasher, Hash, Hasher};
+        let mut hasher = DefaultHasher::new();
+        body.hash(&mut hasher);
+        hasher.finish()
+    };
+    gate.propagation().http.fetched(
+        peer.ip(),
+        hash,
+        generation,
+        tokio::time::Instant::now(),
+        active.policy.traefik.throttle,
+    );
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// The old app's `/verify_share_request?protocol=..&container_name_port=..`: handled as the

@@ -61,8 +61,8 @@ fn traefik(out: &mut String, policy: &Policy, url: &str) {
     for service in policy.services.keys() {
         let _ = writeln!(
             out,
-            "#    {service}:\n- \"traefik.http.routers.<router>.middlewares={}@file\"",
-            policy.traefik.middleware_name(service)
+            "#    {service}:\n- \"traefik.http.routers.<router>.middlewares={}\"",
+            policy.traefik.middleware_ref(service)
         );
     }
     for (name, hosts, catch_all) in mirrors(policy) {
@@ -96,16 +96,50 @@ fn traefik(out: &mut String, policy: &Policy, url: &str) {
              #    forward-auth; everything else the app loads goes through its main router.\n\
              - \"traefik.http.routers.<share router>.rule=Host(`<app host>`) && ({rule})\"\n\
              - \"traefik.http.routers.<share router>.middlewares={name}-auth\"\n\
-             - \"traefik.http.middlewares.{name}-auth.forwardauth.address={url}/share/{name}\"",
+             - \"traefik.http.middlewares.{name}-auth.forwardauth.address={url}/share/{name}\"\n\
+             #    gatekeeper takes the client from the right of X-Forwarded-For, where Traefik puts\n\
+             #    the address it saw, so trusting the header lets a CDN in front of Traefik through\n\
+             #    and a forged one never wins; its answers are a line of text.\n\
+             - \"traefik.http.middlewares.{name}-auth.forwardauth.trustForwardHeader=true\"\n\
+             - \"traefik.http.middlewares.{name}-auth.forwardauth.maxResponseBodySize={MAX_ANSWER}\"",
             unlocks.join(", "),
         );
     }
-    let _ = writeln!(
-        out,
-        "\n# Or read the lists over HTTP instead of a file (traefik.yml):\n\
-         # providers:\n#   http:\n#     endpoint: {url}/traefik/dynamic.json\n#     pollInterval: 5s\n"
+    let http = format!(
+        "# providers:\n#   http:\n#     endpoint: {url}{}\n#     pollInterval: 1s\n",
+        crate::http::DYNAMIC_JSON
     );
+    let t = &policy.traefik;
+    let _ = match t.provider() {
+        "file" => writeln!(
+            out,
+            "\n# Traefik reads the middlewares from its file provider (traefik.yml): watch the\n\
+             # DIRECTORY that holds traefik.file ({}), as Traefik's container sees it:\n\
+             # providers:\n#   file:\n#     directory: <that directory>\n#     watch: true\n\
+             # Or read them over HTTP instead of the file; routers then reference @http:\n{http}",
+            t.file
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""))
+                .display()
+        ),
+        "redis" => writeln!(
+            out,
+            "\n# Traefik reads the middlewares from its Redis provider (traefik.yml); Redis must\n\
+             # send keyspace notifications (notify-keyspace-events KEA) for Traefik to see changes:\n\
+             # providers:\n#   redis:\n#     endpoints: [\"<host:port of traefik.redis.url>\"]\n#     rootKey: {}\n",
+            t.redis.as_ref().map_or("traefik", |r| r.root_key.as_str())
+        ),
+        _ => writeln!(
+            out,
+            "\n# Traefik reads the middlewares over HTTP (traefik.yml); a 1 s poll lets a new\n\
+             # grant in within about a second:\n{http}"
+        ),
+    };
 }
+
+/// The longest answer body gatekeeper sends to a forward-auth request, with room to spare; set
+/// as Traefik's `maxResponseBodySize` so Traefik does not warn about an unlimited body.
+pub const MAX_ANSWER: usize = 4096;
 
 fn nginx(out: &mut String, policy: &Policy, url: &str) {
     let _ = writeln!(
@@ -209,10 +243,69 @@ mod tests {
             "forward_auth gatekeeper:5000 {\n        uri /allow/immich",
             "ha.example.com {",
             "endpoint: http://gatekeeper:5000/traefik/dynamic.json",
+            "forwardauth.trustForwardHeader=true",
+            "forwardauth.maxResponseBodySize=4096",
+            "pollInterval: 1s",
         ] {
             assert!(all.contains(needle), "missing {needle:?} in\n{all}");
         }
         let only_nginx = render(&p, "http://127.0.0.1:5000", &[Proxy::Nginx]);
         assert!(!only_nginx.contains("Traefik ---") && !only_nginx.contains("Caddy ---"));
+    }
+
+    #[test]
+    fn routers_reference_the_provider_that_serves_the_middlewares() {
+        let policy = |traefik: &str| {
+            from_yaml_str(
+                &format!(
+                    "{traefik}\nservices: {{ immich: {{}} }}\nsources:\n  s:\n    kind: share\n    \
+                     upstream: http://immich:2283\n    path: '^/s/[a-z]+$'\n    unlocks: [immich]\n"
+                ),
+                "t",
+            )
+            .unwrap()
+        };
+        for (traefik, reference, provider) in [
+            (
+                "traefik: { file: /data/gatekeeper.yml }",
+                "gatekeeper-immich@file",
+                "file:",
+            ),
+            (
+                "traefik: { file: /data/g.yml, redis: { url: redis://r:6379/0 } }",
+                "gatekeeper-immich@file",
+                "file:",
+            ),
+            (
+                "traefik: { redis: { url: redis://r:6379/0 } }",
+                "gatekeeper-immich@redis",
+                "redis:",
+            ),
+            ("traefik: {}", "gatekeeper-immich@http", "http:"),
+        ] {
+            let p = policy(traefik);
+            let text = render(&p, "http://gatekeeper:5000", &[Proxy::Traefik]);
+            assert!(
+                text.contains(&format!("middlewares={reference}\"")),
+                "{traefik}: no {reference} in\n{text}"
+            );
+            assert!(
+                text.contains(&format!("#   {provider}\n")),
+                "{traefik}:\n{text}"
+            );
+            let summary = crate::cli::summary(&p);
+            assert!(
+                summary.contains(&format!(" {reference}\n")),
+                "{traefik}: check does not name {reference}:\n{summary}"
+            );
+            for other in ["@file", "@redis", "@http"] {
+                if !reference.ends_with(other) {
+                    assert!(
+                        !text.contains(&format!("gatekeeper-immich{other}")),
+                        "{traefik}: {other} in\n{text}"
+                    );
+                }
+            }
+        }
     }
 }

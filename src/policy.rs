@@ -127,11 +127,18 @@ pub struct Traefik {
     /// Passed through to Traefik's `ipStrategy`.
     pub ip_strategy: Option<IpStrategy>,
     /// Traefik's API (`http://traefik:8080`): after a new share grant, poll it until the address
-    /// is in the middleware instead of waiting `propagation_delay`.
+    /// is in the middleware of every provider that serves it, instead of predicting when Traefik
+    /// applies the change.
     pub api: Option<http::Uri>,
-    /// After a new share grant is in the file, wait this long before answering (Traefik coalesces
-    /// file events for 2 s) so the viewer's next request already passes.
-    pub propagation_delay: Duration,
+    /// Traefik's `providersThrottleDuration`: a provider's first change is applied at once, the
+    /// ones that follow within this time are coalesced and applied when it has passed.
+    pub throttle: Duration,
+    /// How long Traefik takes to build and switch to a configuration its throttle let through;
+    /// added to the predicted moment before a share link's 200.
+    pub settle: Duration,
+    /// An explicit override: after a new share grant is written, wait exactly this long instead
+    /// of predicting when Traefik applies it.
+    pub propagation_delay: Option<Duration>,
     /// Traefik's KV (Redis) provider output; none when absent.
     pub redis: Option<TraefikRedis>,
 }
@@ -191,13 +198,33 @@ pub fn parse_redis_url(url: &str) -> Result<String, String> {
     }
 }
 
-/// Default `traefik.propagation_delay`.
-pub const DEFAULT_PROPAGATION_DELAY: Duration = Duration::from_millis(2500);
+/// Default `traefik.throttle`: Traefik's own default `providersThrottleDuration`.
+pub const DEFAULT_TRAEFIK_THROTTLE: Duration = Duration::from_secs(2);
+/// Default `traefik.settle`.
+pub const DEFAULT_TRAEFIK_SETTLE: Duration = Duration::from_millis(100);
 
 impl Traefik {
-    /// The middleware name Traefik routers reference for `service` (without `@file`).
+    /// The middleware name Traefik routers reference for `service` (without `@provider`).
     pub fn middleware_name(&self, service: &str) -> String {
         format!("{}{}", self.middleware_prefix, service)
+    }
+
+    /// The Traefik provider routers should take the middlewares from: the file provider when
+    /// gatekeeper writes a file, else the Redis KV provider when it writes there, else the HTTP
+    /// provider (which reads `/traefik/dynamic.json`, always served).
+    pub fn provider(&self) -> &'static str {
+        if self.file.is_some() {
+            "file"
+        } else if self.redis.is_some() {
+            "redis"
+        } else {
+            "http"
+        }
+    }
+
+    /// What a router's `middlewares` names for `service`: `gatekeeper-immich@file`.
+    pub fn middleware_ref(&self, service: &str) -> String {
+        format!("{}@{}", self.middleware_name(service), self.provider())
     }
 }
 
@@ -738,6 +765,8 @@ struct RawTraefik {
     middleware_prefix: Field,
     ip_strategy: Option<RawIpStrategy>,
     api: Field,
+    throttle: Field,
+    settle: Field,
     propagation_delay: Field,
     redis: Option<RawRedis>,
     #[serde(flatten)]
@@ -1054,6 +1083,8 @@ impl RawPolicy {
                 "middleware_prefix",
                 "ip_strategy",
                 "api",
+                "throttle",
+                "settle",
                 "propagation_delay",
                 "redis",
             ],
@@ -1144,16 +1175,21 @@ impl RawPolicy {
                     None
                 }
             });
-        let propagation_delay = match &t.propagation_delay {
-            None => DEFAULT_PROPAGATION_DELAY,
-            // Zero is allowed here: with nginx or Caddy deciding through /allow there is nothing
-            // to wait for.
-            Some(Value::Num(_, n)) if n.to_u128() == Some(0) => Duration::ZERO,
-            Some(Value::String(_, v)) if v.trim() == "0s" || v.trim() == "0" => Duration::ZERO,
-            v => c
-                .duration("traefik.propagation_delay", v)
-                .unwrap_or(DEFAULT_PROPAGATION_DELAY),
+        // Zero is allowed for these: with nginx or Caddy deciding through /allow there is
+        // nothing to wait for, and a Traefik may run with `providersThrottleDuration: 0`.
+        let mut zero_or_duration = |key: &str, v: &Field| match v {
+            None => None,
+            Some(Value::Num(_, n)) if n.to_u128() == Some(0) => Some(Duration::ZERO),
+            Some(Value::String(_, s)) if s.trim() == "0s" || s.trim() == "0" => {
+                Some(Duration::ZERO)
+            }
+            v => c.duration(key, v),
         };
+        let throttle =
+            zero_or_duration("traefik.throttle", &t.throttle).unwrap_or(DEFAULT_TRAEFIK_THROTTLE);
+        let settle =
+            zero_or_duration("traefik.settle", &t.settle).unwrap_or(DEFAULT_TRAEFIK_SETTLE);
+        let propagation_delay = zero_or_duration("traefik.propagation_delay", &t.propagation_delay);
         let file = c.path("traefik.file", &t.file);
         let traefik_redis = t.redis.as_ref().and_then(|r| {
             let (url, root_key) = r.validate("traefik.redis", "root_key", "traefik", &mut c)?;
@@ -1242,6 +1278,8 @@ impl RawPolicy {
                 middleware_prefix,
                 ip_strategy,
                 api,
+                throttle,
+                settle,
                 propagation_delay,
                 redis: traefik_redis,
             },

@@ -157,7 +157,17 @@ fn check_whole(setup: &Setup, round: u64) -> AfterKill {
         setup.traefik.parent().unwrap(),
         setup.state.parent().unwrap(),
     ] {
-        for name in names_in(dir) {
+        let hidden = dir.join(gatekeeper::atomic_file::TEMP_DIR);
+        let in_hidden = if hidden.is_dir() {
+            names_in(&hidden)
+        } else {
+            Vec::new()
+        };
+        for name in names_in(dir).into_iter().chain(in_hidden) {
+            // The Traefik file's temp files live in their own hidden directory.
+            if name == gatekeeper::atomic_file::TEMP_DIR {
+                continue;
+            }
             let target = name == "gatekeeper.yml" || name == "state.json";
             // A kill between creating and renaming a temp file may leave one, hidden and without
             // a suffix Traefik loads; the next write sweeps it (checked after the restart).
@@ -222,8 +232,16 @@ fn churn_rounds(seed: u64, mut after_kill: impl FnMut(u64, &AfterKill)) {
                 setup.traefik.parent().unwrap(),
                 setup.state.parent().unwrap(),
             ] {
+                let hidden = dir.join(gatekeeper::atomic_file::TEMP_DIR);
+                let in_hidden = if hidden.is_dir() {
+                    names_in(&hidden)
+                } else {
+                    Vec::new()
+                };
                 let stale: Vec<String> = names_in(dir)
                     .into_iter()
+                    .chain(in_hidden)
+                    .filter(|n| n != gatekeeper::atomic_file::TEMP_DIR)
                     .filter(|n| n.contains("gatekeeper-tmp") && !n.ends_with(&own))
                     .collect();
                 assert!(

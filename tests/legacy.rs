@@ -100,7 +100,16 @@ fn legacy_env_mode_writes_the_old_middleware_byte_for_byte() {
             .map(String::from)
             .into()
     );
-    assert_eq!(names_in(dir.path()), ["data", "dynamic-whitelist.yml"]);
+    // The temp files of a watched directory's writes live in their own hidden directory.
+    assert_eq!(
+        names_in(dir.path()),
+        [
+            gatekeeper::atomic_file::TEMP_DIR,
+            "data",
+            "dynamic-whitelist.yml"
+        ]
+    );
+    assert!(names_in(&dir.path().join(gatekeeper::atomic_file::TEMP_DIR)).is_empty());
 }
 
 #[test]
@@ -247,9 +256,16 @@ fn legacy_mode_keeps_updating_a_single_file_bind_mount() {
     assert_eq!(inode(), before, "the host file was replaced, not rewritten");
     // The in-place fallback warns.
     daemon.wait_log("rewritten in place");
+    let hidden = app.join(gatekeeper::atomic_file::TEMP_DIR);
+    let in_hidden = if hidden.is_dir() {
+        names_in(&hidden)
+    } else {
+        Vec::new()
+    };
     let leftovers: Vec<String> = names_in(&app)
         .into_iter()
-        .filter(|n| n.contains("gatekeeper-tmp"))
+        .chain(in_hidden)
+        .filter(|n| n != gatekeeper::atomic_file::TEMP_DIR && n.contains("gatekeeper-tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }

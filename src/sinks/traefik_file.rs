@@ -106,7 +106,7 @@ pub fn render_json(snapshot: &Snapshot, traefik: &Traefik) -> Value {
 
 /// Writes rendered YAML to the file Traefik watches, unless it already holds exactly that.
 pub fn write(path: &Path, contents: &str) -> Result<Written, WriteError> {
-    atomic_file::write_if_changed(path, contents.as_bytes())
+    atomic_file::write_if_changed_unwatched(path, contents.as_bytes())
 }
 
 /// One middleware, as every renderer (YAML, JSON, Traefik's KV) emits it.
@@ -228,7 +228,9 @@ pub(crate) mod tests {
             middleware_prefix: "gatekeeper-".into(),
             ip_strategy,
             api: None,
-            propagation_delay: std::time::Duration::ZERO,
+            throttle: std::time::Duration::ZERO,
+            settle: std::time::Duration::ZERO,
+            propagation_delay: None,
             redis: None,
         }
     }

@@ -56,6 +56,9 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(30);
 /// One middleware's keys with their values, in Traefik's KV layout.
 pub type Pairs = Vec<(String, String)>;
 
+/// The writes of one sync: when each was done and how many keys it set or deleted.
+type Bursts = Vec<(tokio::time::Instant, usize)>;
+
 /// Traefik's KV layout of exactly the middlewares [`traefik_file::render`] writes, by middleware
 /// name. A service nobody may reach gets the file sink's [`traefik_file::DENY_ALL_SENTINEL`].
 pub fn kv(snapshot: &Snapshot, traefik: &Traefik) -> BTreeMap<String, Pairs> {
@@ -172,13 +175,14 @@ return #stale
 });
 
 /// Make middleware `name` hold exactly `pairs`: read what it holds, and unless that is already
-/// it, delete the stale keys and set the new ones in one atomic script. Returns whether it wrote.
+/// it, delete the stale keys and set the new ones in one atomic script. Returns how many keys it
+/// set or deleted (each a keyspace notification Traefik reacts to), `None` when it wrote nothing.
 async fn write_middleware(
     conn: &mut MultiplexedConnection,
     root: &str,
     name: &str,
     pairs: &Pairs,
-) -> Result<bool, StoreError> {
+) -> Result<Option<usize>, StoreError> {
     let base = middleware_base(root, name);
     let existing = scan(conn, &format!("{}*", glob_escape(&base))).await?;
     let wanted: BTreeSet<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
@@ -198,7 +202,7 @@ async fn write_middleware(
             .zip(pairs)
             .all(|(held, (_, want))| held.as_deref() == Some(want.as_str()));
         if same {
-            return Ok(false);
+            return Ok(None);
         }
     }
     // The replacement itself is one script, which finds the keys to delete on the server in the
@@ -217,7 +221,7 @@ async fn write_middleware(
         stale,
         "written to traefik.redis"
     );
-    Ok(true)
+    Ok(Some(stale + pairs.len()))
 }
 
 /// Delete every middleware whose name starts with `prefix` and is not in `keep`. With an empty
@@ -227,9 +231,9 @@ async fn sweep(
     root: &str,
     prefix: &str,
     keep: &BTreeMap<String, Pairs>,
-) -> Result<usize, StoreError> {
+) -> Result<(usize, usize), StoreError> {
     if prefix.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let base = format!("{root}/http/middlewares/");
     let keys = scan(
@@ -248,7 +252,7 @@ async fn sweep(
         }
     }
     if orphans.is_empty() {
-        return Ok(0);
+        return Ok((0, 0));
     }
     let doomed: Vec<&String> = orphans.values().flatten().copied().collect();
     // One DEL is atomic: Traefik never sees half of a removed middleware.
@@ -263,7 +267,7 @@ async fn sweep(
             "removed from traefik.redis: no longer in the policy"
         );
     }
-    Ok(orphans.len())
+    Ok((orphans.len(), doomed.len()))
 }
 
 /// The connection to one configured Redis and what it is known to hold.
@@ -322,9 +326,10 @@ impl Writer {
         Ok(self.conn.as_mut().expect("connected just above"))
     }
 
-    /// Bring Redis in line with `snapshot`; returns how many middlewares were written or
-    /// removed. On an error the connection is dropped and everything is checked again next time.
-    async fn sync(&mut self, snapshot: &Snapshot, traefik: &Traefik) -> Result<usize, StoreError> {
+    /// Bring Redis in line with `snapshot`; returns the writes, each as (when it was done, how
+    /// many keys it set or deleted), one per middleware written or sweep made. On an error the
+    /// connection is dropped and everything is checked again next time.
+    async fn sync(&mut self, snapshot: &Snapshot, traefik: &Traefik) -> Result<Bursts, StoreError> {
         let result = self.try_sync(snapshot, traefik).await;
         if result.is_err() {
             self.conn = None;
@@ -337,18 +342,18 @@ impl Writer {
         &mut self,
         snapshot: &Snapshot,
         traefik: &Traefik,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Bursts, StoreError> {
         let desired = kv(snapshot, traefik);
         let root = self.config.root_key.clone();
         self.connection().await?;
-        let mut changed = 0;
+        let mut bursts = Vec::new();
         for (name, pairs) in &desired {
             if self.known.get(name) == Some(pairs) {
                 continue;
             }
             let conn = self.conn.as_mut().expect("connected above");
-            if write_middleware(conn, &root, name, pairs).await? {
-                changed += 1;
+            if let Some(keys) = write_middleware(conn, &root, name, pairs).await? {
+                bursts.push((tokio::time::Instant::now(), keys));
             }
             self.known.insert(name.clone(), pairs.clone());
         }
@@ -360,13 +365,16 @@ impl Writer {
         }
         let conn = self.conn.as_mut().expect("connected above");
         if self.sweep {
-            changed += sweep(conn, &root, &traefik.middleware_prefix, &desired).await?;
+            let (gone, keys) = sweep(conn, &root, &traefik.middleware_prefix, &desired).await?;
+            if gone > 0 {
+                bursts.push((tokio::time::Instant::now(), keys));
+            }
             self.sweep = false;
-        } else if changed == 0 {
+        } else if bursts.is_empty() {
             // Nothing to write: still find out whether Redis is there.
             timed("PING", redis::cmd("PING").query_async::<()>(conn)).await?;
         }
-        Ok(changed)
+        Ok(bursts)
     }
 }
 
@@ -407,16 +415,21 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
                     w.forget();
                     resynced = Instant::now();
                 }
-                let snapshot = gate.shown();
+                let (snapshot, generation) = gate.shown_with_generation();
                 let result = tokio::select! {
                     r = w.sync(&snapshot, &active.policy.traefik) => r,
                     _ = &mut stop => break,
                 };
                 match result {
-                    Ok(changed) => {
-                        if changed > 0 {
+                    Ok(bursts) => {
+                        if !bursts.is_empty() {
                             gate.metrics().write("traefik_redis", "ok");
                         }
+                        gate.propagation().kv.wrote_bursts(
+                            generation,
+                            &bursts,
+                            active.policy.traefik.throttle,
+                        );
                         gate.report(PART, None);
                         CHECK_EVERY
                     }
@@ -452,7 +465,7 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
         if active.policy.traefik.redis.as_ref() != Some(&w.config)
             || w.holds(&kv(&snapshot, &active.policy.traefik))
         {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         w.sync(&snapshot, &active.policy.traefik).await
     })
@@ -478,7 +491,9 @@ mod tests {
             middleware_prefix: "gatekeeper-".into(),
             ip_strategy,
             api: None,
-            propagation_delay: Duration::ZERO,
+            throttle: Duration::ZERO,
+            settle: Duration::ZERO,
+            propagation_delay: None,
             redis: Some(TraefikRedis {
                 url: "redis://127.0.0.1:6379/0".into(),
                 root_key: "traefik".into(),

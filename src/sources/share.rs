@@ -17,6 +17,7 @@ use crate::client_ip::Refusal;
 use crate::gate::{Active, Gate};
 use crate::ledger::Millis;
 use crate::policy::{Share, ShareCheck};
+use crate::sinks::traefik_apply::Provider;
 
 /// Forwarded URIs longer than this are refused: no share link is this long.
 pub const MAX_URI_LEN: usize = 2048;
@@ -381,8 +382,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Longest a valid link waits for its grant to reach the state file before answering 503.
 pub const MAX_PERSIST_WAIT: Duration = Duration::from_secs(5);
 
-/// Longest a new grant waits for the proxy to see it (Traefik API polling).
-pub const MAX_PROPAGATION_WAIT: Duration = Duration::from_secs(5);
+/// Longest a new grant waits for the proxy to apply it. Traefik's HTTP provider may need its
+/// `pollInterval` (5 s by default) plus its throttle (2 s); Traefik's forward-auth client waits
+/// 30 s for an answer.
+pub const MAX_PROPAGATION_WAIT: Duration = Duration::from_secs(10);
 
 /// The answer to a forward-auth share check, with a short reason for the body.
 pub type Answer = (StatusCode, &'static str);
@@ -536,9 +539,17 @@ fn finish(gate: &Gate, active: &Active, key: IpNet, failed: bool, source: &str) 
     }
 }
 
-/// Let the proxy see a new grant before answering, so the viewer's next request passes: wait for
-/// the Traefik file, then poll Traefik's API until the address is in every new middleware, or
-/// wait `propagation_delay` without an API. Without a Traefik file there is nothing to wait for.
+/// Let the proxy apply a new grant before answering, so the viewer's next request passes, for
+/// every Traefik provider that serves the lists: the file provider (`traefik.file`), the Redis KV
+/// provider (`traefik.redis`) and each Traefik polling `/traefik/dynamic.json`. In order:
+/// - `traefik.api`: ask Traefik until every new middleware of every such provider lists the
+///   network;
+/// - `traefik.propagation_delay`: the explicit override, that long after the outputs hold it;
+/// - otherwise predict it (see [`crate::sinks::traefik_apply`]): when each provider was given the
+///   change and when its throttle lets it through, plus `traefik.settle`.
+///
+/// Never longer than [`MAX_PROPAGATION_WAIT`]; with nginx or Caddy deciding through `/allow`,
+/// nothing is waited for.
 async fn propagate(
     gate: &Gate,
     active: &Active,
@@ -547,46 +558,90 @@ async fn propagate(
     generation: u64,
 ) {
     let traefik = &active.policy.traefik;
-    if traefik.file.is_none() {
-        return;
-    }
     let deadline = tokio::time::Instant::now() + MAX_PROPAGATION_WAIT;
-    if tokio::time::timeout_at(deadline, gate.written(generation))
-        .await
-        .is_err()
-    {
-        warn!(%network, "the Traefik file was not written in time; answering anyway");
+    let propagation = gate.propagation();
+    let mut providers: Vec<(&'static str, &Provider)> = Vec::new();
+    if traefik.file.is_some() {
+        providers.push(("file", &propagation.file));
+    }
+    if traefik.redis.is_some() {
+        providers.push(("redis", &propagation.kv));
+    }
+    let readers = propagation.http.active(tokio::time::Instant::now());
+    for (_, reader) in &readers {
+        providers.push(("http", reader));
+    }
+    if providers.is_empty() {
         return;
     }
-    let Some(api) = &traefik.api else {
-        tokio::time::sleep(traefik.propagation_delay).await;
+
+    if let Some(api) = &traefik.api {
+        let mut names: Vec<&str> = providers.iter().map(|(name, _)| *name).collect();
+        names.dedup();
+        confirm_with_api(gate, api, traefik, network, services, &names, deadline).await;
         return;
-    };
+    }
+
+    let mut ready = tokio::time::Instant::now();
+    for (name, provider) in &providers {
+        match tokio::time::timeout_at(deadline, provider.applied(generation)).await {
+            Ok(Some(applied)) => ready = ready.max(applied + traefik.settle),
+            Ok(None) => {}
+            Err(_) => {
+                warn!(%network, provider = name, "the grant did not reach Traefik's {name} provider in time; answering anyway");
+                return;
+            }
+        }
+    }
+    if let Some(delay) = traefik.propagation_delay {
+        // Every output holds the grant now; the override replaces the prediction.
+        ready = tokio::time::Instant::now() + delay;
+    }
+    tokio::time::sleep_until(ready.min(deadline)).await;
+}
+
+/// Poll Traefik's API until each of `services`' middlewares, under each of `providers`, lists
+/// `network`, or `deadline` passes.
+async fn confirm_with_api(
+    gate: &Gate,
+    api: &http::Uri,
+    traefik: &crate::policy::Traefik,
+    network: IpNet,
+    services: &[String],
+    providers: &[&str],
+    deadline: tokio::time::Instant,
+) {
     let origin = origin_of(api);
     let wanted = network.to_string();
     let mut pending: Vec<String> = services
         .iter()
-        .map(|s| traefik.middleware_name(s))
+        .flat_map(|s| {
+            let name = traefik.middleware_name(s);
+            providers.iter().map(move |p| format!("{name}@{p}"))
+        })
         .collect();
-    while !pending.is_empty() {
+    loop {
         let mut still = Vec::new();
         for name in pending {
-            let url = format!("{origin}/api/http/middlewares/{name}@file");
+            let url = format!("{origin}/api/http/middlewares/{name}");
             if !middleware_lists(gate.http_client(), &url, &wanted).await {
                 still.push(name);
             }
         }
         pending = still;
         if pending.is_empty() {
-            break;
+            return;
         }
-        if tokio::time::Instant::now() + Duration::from_millis(100) > deadline {
+        if tokio::time::Instant::now() + API_POLL > deadline {
             warn!(%network, middlewares = ?pending, "Traefik's API does not show the grant yet; answering anyway");
-            break;
+            return;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(API_POLL).await;
     }
 }
+
+/// How often Traefik's API is asked while a share answer waits for it.
+const API_POLL: Duration = Duration::from_millis(25);
 
 /// Does the middleware at `url` (Traefik API) list `network` in its source range?
 async fn middleware_lists(client: &reqwest::Client, url: &str, network: &str) -> bool {
