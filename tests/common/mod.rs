@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 pub mod proxies;
 pub mod redis;
+pub mod traefik;
 pub mod upstream;
 
 use std::collections::{BTreeMap, BTreeSet};
