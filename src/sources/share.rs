@@ -597,6 +597,12 @@ async fn propagate(
         // Every output holds the grant now; the override replaces the prediction.
         ready = tokio::time::Instant::now() + delay;
     }
+    debug!(
+        %network,
+        generation,
+        wait_ms = ready.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64,
+        "waiting until Traefik applies the grant"
+    );
     tokio::time::sleep_until(ready.min(deadline)).await;
 }
 
