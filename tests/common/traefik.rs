@@ -452,8 +452,16 @@ impl Traefik {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
         req.push_str("\r\n");
-        send_from(client, addr, req.as_bytes())
-            .unwrap_or_else(|e| panic!("{method} {host}{path} from {client} via {addr}: {e}"))
+        send_from(client, addr, req.as_bytes()).unwrap_or_else(|e| {
+            // Traefik logs this when a SIGTERM/SIGINT stops it; the harness only ever SIGKILLs.
+            let outside = if self.log().contains("I have to go...") {
+                " (Traefik was stopped by a signal from outside this test: \
+                 `I have to go...` in its log; something killed every `traefik` by name?)"
+            } else {
+                ""
+            };
+            panic!("{method} {host}{path} from {client} via {addr}: {e}{outside}")
+        })
     }
 }
 
