@@ -1,7 +1,8 @@
 //! Connection budgets and request-head limits on the proxy-facing listener: strangers get a small
 //! budget, little patience and one request per connection; the trusted proxy keeps being served
-//! while they hold every slot they can. Attackers connect from 127.0.0.2 and up (loopback, so the
-//! test needs no network), the policy trusts only 127.0.0.1.
+//! while they hold every slot they can. On the admin listener each peer gets a share of the budget
+//! and a few slots are kept for the HEALTHCHECK's loopback address. Attackers connect from
+//! 127.0.0.2 and up (loopback, so the test needs no network), the policy trusts only 127.0.0.1.
 
 mod common;
 
@@ -19,6 +20,10 @@ const POLICY: &str = "trusted_proxies: [127.0.0.1/32]\n\
 
 /// The server's budget for untrusted peers (src/server.rs, UNTRUSTED_CONNECTIONS).
 const UNTRUSTED_BUDGET: usize = 128;
+/// The admin listener's budget (src/server.rs, ADMIN_CONNECTIONS).
+const ADMIN_BUDGET: usize = 64;
+/// One peer's share of it (src/server.rs, ADMIN_CONNECTIONS_PER_PEER).
+const ADMIN_SHARE: usize = 16;
 
 /// A connection to `addr` from the loopback address `from`.
 fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
@@ -194,4 +199,113 @@ fn oversized_request_heads_are_refused_with_431() {
         200
     );
     assert_eq!(allow_status(daemon.addr, "immich", "198.51.100.9"), 200);
+}
+
+/// `gatekeeper health` (the container HEALTHCHECK) against the daemon's admin listener.
+fn health_cli(setup: &Setup, admin: SocketAddr) -> (std::process::ExitStatus, String, String) {
+    let listen = admin.to_string();
+    run(
+        setup.dir.path(),
+        &["health", "--config", "gatekeeper.yaml"],
+        &[("GATEKEEPER_ADMIN__LISTEN", listen.as_str())],
+    )
+}
+
+/// Did the server close `stream` (EOF or reset) rather than keep it open? Waits at most `within`.
+fn closed_by_server(stream: &TcpStream, within: Duration) -> bool {
+    stream.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 64];
+    match (&*stream).read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == ErrorKind::ConnectionReset,
+    }
+}
+
+#[test]
+fn one_peer_holding_idle_admin_connections_does_not_lock_out_health() {
+    let setup = Setup::new(POLICY);
+    let daemon = setup.start();
+    let admin = daemon.admin_addr();
+
+    // One address opens as many idle connections as the whole admin budget. The kernel queues
+    // them before the `health` connection below, so the server has judged every one of them
+    // before it sees that one.
+    let idle: Vec<TcpStream> = (0..ADMIN_BUDGET)
+        .map(|_| connect_from(Ipv4Addr::new(127, 0, 0, 2), admin))
+        .collect();
+
+    let (status, stdout, stderr) = health_cli(&setup, admin);
+    assert!(
+        status.success() && stdout == "ok\n",
+        "`gatekeeper health` failed while 127.0.0.2 held {ADMIN_BUDGET} idle admin connections: \
+         {status}: {stdout}{stderr}"
+    );
+
+    // That peer kept its share; the rest of its connections were closed at once.
+    let refused = metric(
+        admin,
+        "gatekeeper_connections_refused_total{class=\"admin\"}",
+    );
+    assert_eq!(refused, (ADMIN_BUDGET - ADMIN_SHARE) as u64);
+    let kept: Vec<TcpStream> = idle
+        .into_iter()
+        .filter(|s| !closed_by_server(s, Duration::from_millis(200)))
+        .collect();
+    assert_eq!(
+        kept.len(),
+        ADMIN_SHARE,
+        "connections of 127.0.0.2 left open"
+    );
+    wait_for("the per-peer warning in the log", SOON, || {
+        let log = daemon.log();
+        log.contains("holds its share").then_some(()).ok_or(log)
+    });
+
+    // Idle admin connections are dropped after the header timeout (10 s), freeing the share.
+    for s in &kept {
+        assert!(
+            closed_by_server(s, Duration::from_secs(60)),
+            "an idle admin connection was kept open"
+        );
+    }
+    wait_for(
+        "127.0.0.2 to be answered on the admin listener again",
+        SOON,
+        || {
+            let s = connect_from(Ipv4Addr::new(127, 0, 0, 2), admin);
+            let mut w = s.try_clone().unwrap();
+            let _ = w.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let (answer, _) = read_to_close(s);
+            let text = String::from_utf8_lossy(&answer).into_owned();
+            text.starts_with("HTTP/1.1 200").then_some(()).ok_or(text)
+        },
+    );
+}
+
+#[test]
+fn peers_filling_the_admin_budget_together_leave_room_for_the_healthcheck() {
+    let setup = Setup::new(POLICY);
+    let daemon = setup.start();
+    let admin = daemon.admin_addr();
+
+    // Four addresses, each within its share, ask for the whole budget together.
+    let _idle: Vec<TcpStream> = (2..2 + (ADMIN_BUDGET / ADMIN_SHARE) as u8)
+        .flat_map(|last| (0..ADMIN_SHARE).map(move |_| last))
+        .map(|last| connect_from(Ipv4Addr::new(127, 0, 0, last), admin))
+        .collect();
+
+    // The HEALTHCHECK connects from 127.0.0.1, for which a few slots are kept.
+    let (status, stdout, stderr) = health_cli(&setup, admin);
+    assert!(
+        status.success() && stdout == "ok\n",
+        "`gatekeeper health` failed while four peers held the admin budget: \
+         {status}: {stdout}{stderr}"
+    );
+    assert!(
+        metric(
+            admin,
+            "gatekeeper_connections_refused_total{class=\"admin\"}"
+        ) >= 1
+    );
 }
