@@ -148,3 +148,76 @@ fn a_hanging_or_dead_receiver_never_delays_a_grant() {
         });
     }
 }
+
+/// A share source whose every failed check bans (nothing is sent upstream for a URI that is
+/// not a link), beside the mirror source of [`body`], notifying to `url`.
+fn share_body(url: &str) -> String {
+    body_with_ttl(
+        &format!(
+            "  guarded-share:\n    kind: share\n    upstream: http://127.0.0.1:9\n    \
+             path: '^/s/[A-Za-z0-9]{{15}}$'\n    unlocks: [immich]\n    max_failures: 1\n\
+             notify: {{ url: \"{url}\", format: json, on: [grant, throttle] }}\n"
+        ),
+        "1h",
+    )
+}
+
+#[test]
+fn ban_notifications_are_at_most_one_per_source_per_minute() {
+    let r = receiver(true);
+    let setup = Setup::new(&share_body(&format!("http://{}/hook", r.addr)));
+    let daemon = setup.start();
+    // Twenty clients (twenty /64s of one /48) banned at once...
+    for i in 1..=20u16 {
+        let a = common::upstream::Request::forward_auth(
+            "/share/guarded-share",
+            Some(&format!("2001:db8:9:{i:x}::1")),
+            Some(b"/s/not-a-link"),
+        )
+        .send(daemon.addr);
+        assert_eq!(a.status, 403, "{a:?}");
+    }
+    // ...then a grant: notifications are sent in order, so once the grant's arrives, every ban
+    // notification queued before it has arrived too.
+    assert_eq!(mirror(daemon.addr, "ha.example.com", "198.51.100.9"), 200);
+    let mut throttles = Vec::new();
+    loop {
+        let (_, json) = r
+            .requests
+            .recv_timeout(SOON)
+            .expect("the grant notification");
+        let event: serde_json::Value = serde_json::from_str(&json).unwrap();
+        match event["event"].as_str() {
+            Some("grant") => break,
+            Some("throttle") => throttles.push(event),
+            other => panic!("unexpected {other:?}: {event}"),
+        }
+    }
+    assert_eq!(
+        throttles.len(),
+        1,
+        "one ban notification, the rest summarised later: {throttles:?}"
+    );
+    assert_eq!(throttles[0]["source"], "guarded-share");
+    assert_eq!(throttles[0]["network"], "2001:db8:9:1::/64");
+    drop(daemon);
+}
+
+#[test]
+fn notification_urls_are_logged_without_password_or_query() {
+    // Nothing listens there: the failure is logged, with the URL.
+    let setup = Setup::new(&body_with_ttl(
+        "notify: { url: \"http://gk:s3cret-pass@127.0.0.1:9/hook?auth=t0ken-in-query\" }\n",
+        "1h",
+    ));
+    let daemon = setup.start();
+    assert_eq!(mirror(daemon.addr, "ha.example.com", "198.51.100.10"), 200);
+    let log = daemon.wait_log("notification failed");
+    let line = log
+        .lines()
+        .find(|l| l.contains("notification failed"))
+        .unwrap();
+    assert!(line.contains("127.0.0.1:9/hook"), "names where: {line}");
+    assert!(!log.contains("s3cret-pass"), "password logged:\n{log}");
+    assert!(!log.contains("t0ken-in-query"), "query logged:\n{log}");
+}
