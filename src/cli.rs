@@ -132,6 +132,9 @@ pub fn summary(policy: &Policy) -> String {
         TraefikVersion::V2 => "ipWhiteList",
         TraefikVersion::V3 => "ipAllowList",
     };
+    for w in &policy.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
     let _ = writeln!(
         out,
         "\nservices: reference the middleware on each service's routers"

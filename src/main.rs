@@ -53,6 +53,9 @@ fn main() -> ExitCode {
 
 fn serve(location: &policy::Location, env: &BTreeMap<String, String>) -> anyhow::Result<()> {
     let policy = policy::load(location, env)?;
+    for w in &policy.warnings {
+        tracing::warn!(key = %w.key, from = w.from.as_deref(), "{}", w.message);
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let listeners = daemon::Listeners::bind(&policy).await?;

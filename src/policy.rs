@@ -44,6 +44,9 @@ pub struct Policy {
     pub redis: Option<RedisStore>,
     /// True when built from `MAX_IP_LEN` / `DEFAULT_SOURCE_RANGE` instead of a policy file.
     pub legacy: bool,
+    /// What is valid but dangerous (an `always_allow` range overlapping `trusted_proxies`,
+    /// legacy mode's wide trust): printed by `check`, logged at start and on reload.
+    pub warnings: Vec<Problem>,
 }
 
 /// Notification settings (`notify:`).
@@ -381,8 +384,14 @@ impl PartialEq for SharePattern {
 /// Default policy path when neither `--config` nor `GATEKEEPER_CONFIG` names one.
 pub const DEFAULT_PATH: &str = "./gatekeeper.yaml";
 
-/// Trusted proxies when the policy names none: loopback and the private ranges Docker uses.
-pub const DEFAULT_TRUSTED_PROXIES: &[&str] = &[
+/// Trusted proxies when a policy file names none: loopback only. Trusting a whole private range
+/// by default would let any container or LAN host have any address granted; a proxy elsewhere
+/// must be named (`trusted_proxies: [172.30.0.2/32]`).
+pub const DEFAULT_TRUSTED_PROXIES: &[&str] = &["127.0.0.0/8", "::1/128"];
+
+/// Trusted proxies in legacy mode (no policy file): loopback and every private range, as the old
+/// image believed any peer; kept for drop-in compatibility, with a warning at start.
+pub const LEGACY_TRUSTED_PROXIES: &[&str] = &[
     "127.0.0.0/8",
     "10.0.0.0/8",
     "172.16.0.0/12",
@@ -500,7 +509,7 @@ pub fn load(location: &Location, env: &BTreeMap<String, String>) -> Result<Polic
     if location.path.is_file() {
         let origin = location.path.display().to_string();
         let figment = Figment::from(Yaml::file_exact(&location.path)).merge(env_provider());
-        return from_figment(&figment, origin, None);
+        return from_figment(&figment, origin, None).map(|p| with_raw_token(p, env));
     }
     if location.explicit || location.path.exists() {
         return Err(PolicyError::Missing {
@@ -512,11 +521,25 @@ pub fn load(location: &Location, env: &BTreeMap<String, String>) -> Result<Polic
         Some(yaml) => {
             let figment = Figment::from(Yaml::string(&yaml)).merge(env_provider());
             from_figment(&figment, LEGACY_ORIGIN.to_string(), Some(env))
+                .map(|p| with_raw_token(p, env))
         }
         None => Err(PolicyError::Nothing {
             path: location.path.clone(),
         }),
     }
+}
+
+/// The admin token exactly as `GATEKEEPER_ADMIN__TOKEN` holds it: figment reads a variable of
+/// digits as a number, which would drop leading zeros or, past 2^128, digits.
+fn with_raw_token(mut policy: Policy, env: &BTreeMap<String, String>) -> Policy {
+    let raw = env
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("GATEKEEPER_ADMIN__TOKEN"))
+        .map(|(_, v)| v);
+    if let Some(token) = raw.filter(|t| !t.trim().is_empty()) {
+        policy.admin.token = Some(token.clone());
+    }
+    policy
 }
 
 /// Origin named in messages for a policy built from the legacy variables.
@@ -564,8 +587,9 @@ fn from_figment(
             .collect(),
     })?;
     let mut problems = Vec::new();
-    let policy = raw.validate(&origin, legacy, &mut problems);
-    for p in &mut problems {
+    let mut policy = raw.validate(&origin, legacy, &mut problems);
+    let warnings = policy.iter_mut().flat_map(|p| p.warnings.iter_mut());
+    for p in problems.iter_mut().chain(warnings) {
         p.from = env_origin(figment, &p.key)
             .or_else(|| legacy_env.and_then(|env| legacy_origin(&p.key, env)));
     }
@@ -691,6 +715,66 @@ pub fn legacy_yaml(env: &BTreeMap<String, String>) -> Option<String> {
         service = LEGACY_SERVICE,
         source = LEGACY_SOURCE,
     ))
+}
+
+/// What is valid but opens too much: an `always_allow` range that overlaps a trusted proxy range
+/// (when the proxy hides client addresses, every client arrives as the proxy, which is then
+/// always allowed: everything opens to everyone), and legacy mode's trust in every private range.
+fn trust_warnings(
+    trusted: &[IpNet],
+    trusted_default: bool,
+    legacy: bool,
+    always_allow: &[IpNet],
+    services: &IndexMap<String, Service>,
+) -> Vec<Problem> {
+    let trusted_key = |i: usize| {
+        if trusted_default {
+            "trusted_proxies (default)".to_string()
+        } else {
+            format!("trusted_proxies[{i}]")
+        }
+    };
+    let ranges = always_allow
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("always_allow[{i}]"), r))
+        .chain(services.iter().flat_map(|(name, s)| {
+            s.always_allow
+                .iter()
+                .enumerate()
+                .map(move |(i, r)| (format!("services.{name}.always_allow[{i}]"), r))
+        }));
+    let mut warnings = Vec::new();
+    for (key, range) in ranges {
+        for (i, proxy) in trusted.iter().enumerate() {
+            if range.contains(proxy) || proxy.contains(range) {
+                warnings.push(Problem {
+                    key: key.clone(),
+                    message: format!(
+                        "`{range}` overlaps {} `{proxy}`: if the proxy hides client addresses \
+                         (Docker's userland proxy, rootless Docker or Podman port forwarding), every \
+                         client arrives from the proxy's address, which this range always allows, \
+                         so every service opens to everyone; trust only the proxy's own address \
+                         and always allow only networks no proxy is in",
+                        trusted_key(i)
+                    ),
+                    from: None,
+                });
+            }
+        }
+    }
+    if legacy && trusted_default {
+        warnings.push(Problem {
+            key: "trusted_proxies (legacy default)".to_string(),
+            message: "legacy mode believes X-Forwarded-For from loopback and every private \
+                      range, as the old image did: any container or LAN host can have any address \
+                      granted; write a policy file with trusted_proxies set to your proxy's \
+                      address (`gatekeeper check` prints one to start from)"
+                .to_string(),
+            from: None,
+        });
+    }
+    warnings
 }
 
 /// A YAML double-quoted scalar (JSON escaping is valid YAML).
@@ -882,6 +966,30 @@ impl Checker<'_> {
 
     fn wrong_type(&mut self, key: &str, expected: &str, v: &Value) {
         self.problem(key, format!("expected {expected}, found {}", v.to_actual()));
+    }
+
+    /// A secret given as text or as digits (a token from an environment variable of digits is
+    /// read as a number); never echoed in a problem.
+    fn secret(&mut self, key: &str, v: &Field) -> Option<String> {
+        match v.as_ref()? {
+            Value::String(_, s) => Some(s.clone()),
+            Value::Char(_, c) => Some(c.to_string()),
+            Value::Num(_, n) if n.to_u128().is_some() => n.to_u128().map(|n| n.to_string()),
+            other => {
+                let shape = match other {
+                    Value::Bool(..) => "true or false",
+                    Value::Num(..) => "a number that is not a whole number",
+                    Value::Dict(..) => "a mapping",
+                    Value::Array(..) => "a list",
+                    _ => "no value",
+                };
+                self.problem(
+                    key,
+                    format!("expected text, found {shape} (the value is not shown: it is a secret); quote it"),
+                );
+                None
+            }
+        }
     }
 
     /// A text value; numbers are refused (a listen address or a duration needs its unit).
@@ -1099,7 +1207,12 @@ impl RawPolicy {
         {
             c.problem("admin.listen", format!("`{b}` collides with listen `{a}`"));
         }
+        let trusted_default = self.trusted_proxies.is_none();
         let trusted_proxies = match self.trusted_proxies {
+            None if legacy => LEGACY_TRUSTED_PROXIES
+                .iter()
+                .filter_map(|s| parse_cidr(s).ok())
+                .collect(),
             None => DEFAULT_TRUSTED_PROXIES
                 .iter()
                 .filter_map(|s| parse_cidr(s).ok())
@@ -1258,9 +1371,16 @@ impl RawPolicy {
             .unwrap_or_else(|| PathBuf::from("./data/state.json"));
         let token_file = c.path("admin.token_file", &self.admin.token_file);
         let token = c
-            .text("admin.token", &self.admin.token)
+            .secret("admin.token", &self.admin.token)
             .filter(|t| !t.trim().is_empty());
 
+        let warnings = trust_warnings(
+            &trusted_proxies,
+            trusted_default,
+            legacy,
+            &always_allow,
+            &services,
+        );
         Some(Policy {
             origin: origin.to_string(),
             listen: listen?,
@@ -1289,6 +1409,7 @@ impl RawPolicy {
             notify,
             redis,
             legacy,
+            warnings,
         })
     }
 }
@@ -2131,6 +2252,104 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn a_policy_file_trusts_only_loopback_by_default() {
+        let p = from_yaml_str(MINIMAL, "t").unwrap();
+        let trusted: Vec<String> = p.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(trusted, ["127.0.0.0/8", "::1/128"]);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    }
+
+    #[test]
+    fn legacy_mode_keeps_the_wide_trust_and_warns() {
+        Jail::expect_with(|jail| {
+            jail.set_env("MAX_IP_LEN", "3");
+            let p = load(&Location::resolve(None, &env()), &env()).unwrap();
+            assert!(p.legacy);
+            assert_eq!(p.trusted_proxies.len(), LEGACY_TRUSTED_PROXIES.len());
+            let text: Vec<String> = p.warnings.iter().map(|w| w.to_string()).collect();
+            assert!(
+                text.iter()
+                    .any(|w| w.contains("legacy mode believes X-Forwarded-For")
+                        && w.contains("trusted_proxies")),
+                "{text:?}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn always_allow_overlapping_trusted_proxies_is_warned_naming_both_keys() {
+        let p = from_yaml_str(
+            &format!(
+                "trusted_proxies: [127.0.0.1/32, 172.16.0.0/12]\n\
+                 always_allow: [192.168.1.0/24, 172.18.0.0/16]\n{MINIMAL}\
+                 \x20 other: {{ kind: mirror, hosts: [o.test], unlocks: '*' }}\n"
+            )
+            .replace(
+                "services: { immich: {} }",
+                "services: { immich: { always_allow: [127.0.0.0/8] } }",
+            ),
+            "t",
+        )
+        .unwrap();
+        let text: Vec<String> = p.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(
+            text[0].starts_with(
+                "always_allow[1]: `172.18.0.0/16` overlaps trusted_proxies[1] `172.16.0.0/12`: "
+            ),
+            "{text:?}"
+        );
+        assert!(
+            text[1].starts_with(
+                "services.immich.always_allow[0]: `127.0.0.0/8` overlaps trusted_proxies[0] `127.0.0.1/32`"
+            ),
+            "{text:?}"
+        );
+        // The default trust is named as such.
+        let p = from_yaml_str(&format!("always_allow: [127.0.0.5/32]\n{MINIMAL}"), "t").unwrap();
+        assert!(
+            p.warnings[0]
+                .to_string()
+                .contains("overlaps trusted_proxies (default) `127.0.0.0/8`"),
+            "{:?}",
+            p.warnings
+        );
+    }
+
+    #[test]
+    fn every_shipped_policy_is_valid_without_warnings() {
+        for path in [
+            "gatekeeper.example.yaml",
+            "deploy/gatekeeper.yaml",
+            "deploy/gatekeeper.ha.yaml",
+        ] {
+            let p = from_yaml_str(&std::fs::read_to_string(path).unwrap(), path)
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(p.warnings.is_empty(), "{path}: {:?}", p.warnings);
+        }
+    }
+
+    #[test]
+    fn an_admin_token_of_digits_is_kept_exactly_and_never_echoed() {
+        Jail::expect_with(|jail| {
+            jail.create_file("gatekeeper.yaml", MINIMAL)?;
+            let location = Location::resolve(Some("gatekeeper.yaml".into()), &env());
+            // Leading zeros and more digits than any integer holds.
+            let digits = "000123456789012345678901234567890123456789";
+            jail.set_env("GATEKEEPER_ADMIN__TOKEN", digits);
+            let p = load(&location, &env()).unwrap();
+            assert_eq!(p.admin.token.as_deref(), Some(digits));
+            Ok(())
+        });
+        let p = from_yaml_str(&format!("admin: {{ token: 98765 }}\n{MINIMAL}"), "t").unwrap();
+        assert_eq!(p.admin.token.as_deref(), Some("98765"));
+        let text = problems(&format!("admin: {{ token: 1.5e300 }}\n{MINIMAL}")).join("\n");
+        assert!(text.contains("admin.token: expected text"), "{text}");
+        assert!(!text.contains("1.5") && !text.contains("e300"), "{text}");
     }
 
     #[test]
