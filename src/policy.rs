@@ -184,6 +184,17 @@ pub fn without_password(url: &str) -> String {
     }
 }
 
+/// `url` fit for messages: without its password, query and fragment (which may hold tokens, as
+/// ntfy's `?auth=` does).
+pub fn shown_url(url: &str) -> String {
+    let head = url.split(['?', '#']).next().unwrap_or(url);
+    let mut shown = without_password(head);
+    if head.len() < url.len() {
+        shown.push_str("?…");
+    }
+    shown
+}
+
 /// A Redis URL gatekeeper can use: `redis://` or `rediss://` with a host. The error names the
 /// value; credentials are not echoed.
 pub fn parse_redis_url(url: &str) -> Result<String, String> {
@@ -1496,7 +1507,10 @@ impl RawNotify {
                     Some(uri)
                 }
                 _ => {
-                    c.problem("notify.url", format!("`{u}` is not an http(s) URL"));
+                    c.problem(
+                        "notify.url",
+                        format!("`{}` is not an http(s) URL", shown_url(&u)),
+                    );
                     None
                 }
             },
@@ -2350,6 +2364,19 @@ mod tests {
         let text = problems(&format!("admin: {{ token: 1.5e300 }}\n{MINIMAL}")).join("\n");
         assert!(text.contains("admin.token: expected text"), "{text}");
         assert!(!text.contains("1.5") && !text.contains("e300"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_notify_url_is_shown_without_its_secrets() {
+        let text = problems(&format!(
+            "notify: {{ url: 'ftp://u:hunter2@h/x?token=hunter3' }}\n{MINIMAL}"
+        ))
+        .join("\n");
+        assert!(
+            text.contains("notify.url: `ftp://u@h/x?…` is not an http(s) URL"),
+            "{text}"
+        );
+        assert!(!text.contains("hunter"), "{text}");
     }
 
     #[test]
