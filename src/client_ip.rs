@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Mutex, PoisonError};
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use thiserror::Error;
 use tracing::{debug, warn};
 
@@ -49,6 +49,30 @@ pub enum Refusal {
     /// The network to grant overlaps this `always_allow` range.
     #[error("client network overlaps always_allow range {0}")]
     AlwaysAllowed(IpNet),
+    /// An operator's IPv6 network holds every IPv4-mapped address (`::ffff:0:0/96`), which is
+    /// how a dual-stack socket sees every IPv4 client: it is no IPv4 range.
+    #[error(
+        "network {0} holds every ipv4-mapped address (::ffff:0.0.0.0/96), that is every ipv4 \
+         client: write an ipv4 range as ipv4 (::ffff:a.b.c.d/n, n at least 96, is \
+         a.b.c.d/(n-96))"
+    )]
+    MappedTooWide(IpNet),
+    /// An operator's network inside an IPv6 translation prefix (NAT64, Teredo) where each
+    /// address stands for another IPv4 host: wider than an IPv4 /16 of them, it would grant
+    /// other people.
+    #[error(
+        "network {network} covers more than an ipv4 /16 of the {kind} prefix {prefix}, where \
+         every address is another ipv4 host: grant the client's own address (/128) or at most \
+         a /112 there (its last 32 bits are the ipv4 address)"
+    )]
+    TranslatedTooWide {
+        /// The network that was asked for.
+        network: IpNet,
+        /// `nat64` or `teredo`.
+        kind: &'static str,
+        /// The translation prefix it overlaps.
+        prefix: IpNet,
+    },
     /// The client's network (an IPv6 prefix) overlaps a trusted proxy range that does not
     /// contain the client address itself.
     #[error("client network {network} overlaps trusted proxy range {proxy}")]
@@ -66,6 +90,83 @@ pub fn normalise(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
+/// Maps an IPv4-mapped network `::ffff:a.b.c.d/n` with `n >= 96` to `a.b.c.d/(n-96)`, as
+/// [`normalise`] does for addresses, so that it is judged, stored and rendered as the IPv4
+/// range it stands for; clears host bits. Any other network is returned as is.
+pub fn normalise_network(network: IpNet) -> IpNet {
+    let network = network.trunc();
+    match network {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
+            Some(v4) => Ipv4Net::new(v4, v6.prefix_len() - 96).map_or(network, IpNet::V4),
+            None => network,
+        },
+        _ => network,
+    }
+}
+
+/// `::ffff:0:0/96`, where a dual-stack socket puts IPv4 clients.
+const MAPPED: Ipv6Net = match Ipv6Net::new(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96) {
+    Ok(net) => net,
+    Err(_) => panic!("valid prefix"),
+};
+
+/// An IPv6 prefix whose addresses each stand for one IPv4 host, so that a /64 of it holds many
+/// unrelated clients. The IPv4 address is the last 32 bits, XORed with `xor`.
+struct Translation {
+    kind: &'static str,
+    prefix: Ipv6Net,
+    xor: u32,
+}
+
+const fn translation(kind: &'static str, prefix: Ipv6Addr, len: u8, xor: u32) -> Translation {
+    let prefix = match Ipv6Net::new(prefix, len) {
+        Ok(net) => net,
+        Err(_) => panic!("valid prefix"),
+    };
+    Translation { kind, prefix, xor }
+}
+
+const TRANSLATIONS: [Translation; 3] = [
+    // RFC 6052's well-known prefix: the IPv4 address is the last 32 bits.
+    translation(
+        "nat64",
+        Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0),
+        96,
+        0,
+    ),
+    // RFC 8215's local-use prefix: where the IPv4 address sits depends on the length the
+    // operator chose; the last 32 bits are the common /96 layout.
+    translation(
+        "nat64",
+        Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0),
+        48,
+        0,
+    ),
+    // RFC 4380: the client's public IPv4 address is the last 32 bits inverted (bits 32..64
+    // are the Teredo server's, which says nothing about the client).
+    translation(
+        "teredo",
+        Ipv6Addr::new(0x2001, 0, 0, 0, 0, 0, 0, 0),
+        32,
+        u32::MAX,
+    ),
+];
+
+impl Translation {
+    /// The translation prefix `ip` is inside, with the IPv4 address it stands for.
+    fn of(ip: Ipv6Addr) -> Option<(&'static Translation, Ipv4Addr)> {
+        TRANSLATIONS
+            .iter()
+            .find(|t| t.prefix.contains(&ip))
+            .map(|t| (t, t.embedded(ip)))
+    }
+
+    fn embedded(&self, ip: Ipv6Addr) -> Ipv4Addr {
+        // Truncation keeps the last 32 bits, which is the point.
+        Ipv4Addr::from(u128::from(ip) as u32 ^ self.xor)
+    }
+}
+
 /// Resolves client addresses from requests and turns them into networks that may be granted.
 #[derive(Debug)]
 pub struct ClientIp {
@@ -81,9 +182,11 @@ impl ClientIp {
     /// Builds a resolver from the trusted proxy ranges, every `always_allow` range (global plus
     /// every service's) and the prefix length granted to IPv6 clients (clamped to 128).
     pub fn new(trusted_proxies: Vec<IpNet>, always_allow: Vec<IpNet>, ipv6_prefix: u8) -> Self {
+        // A range written IPv4-mapped must match the IPv4 clients it stands for.
+        let normalised = |ranges: Vec<IpNet>| ranges.into_iter().map(normalise_network).collect();
         Self {
-            trusted: trusted_proxies,
-            always_allow,
+            trusted: normalised(trusted_proxies),
+            always_allow: normalised(always_allow),
             ipv6_prefix: ipv6_prefix.min(128),
             warned: Mutex::new(HashSet::new()),
         }
@@ -149,27 +252,51 @@ impl ClientIp {
     /// network. Refused when it overlaps (either contains the other) a trusted proxy range or
     /// an `always_allow` range: granting those would open the proxy's whole traffic, or add
     /// nothing but an entry that hides the static one.
+    ///
+    /// A client inside a translation prefix (NAT64, Teredo) is one IPv4 host among everyone
+    /// sharing its /64: it is granted its address alone, and refused as the IPv4 address it
+    /// embeds would be.
     pub fn grantable(&self, client: IpAddr) -> Result<IpNet, Refusal> {
         let client = normalise(client);
         if !routable(client) {
             return Err(Refusal::NotRoutable(client));
         }
-        let prefix = match client {
-            IpAddr::V4(_) => 32,
-            IpAddr::V6(_) => self.ipv6_prefix,
-        };
-        // Cannot fail (`new` clamps the IPv6 prefix); the host network is the safe fallback.
-        let network = IpNet::new(client, prefix)
-            .map(|net| net.trunc())
-            .unwrap_or_else(|_| IpNet::from(client));
-
-        self.check_network(network, client)
+        if let IpAddr::V6(v6) = client
+            && let Some((_, v4)) = Translation::of(v6)
+        {
+            self.grantable(IpAddr::V4(v4))?;
+            return self.check_network(IpNet::from(client), client);
+        }
+        self.check_network(client_network(client, self.ipv6_prefix), client)
     }
 
     /// Could `network` (an operator's grant) be granted? The same rules as for a client: it
     /// must not overlap a trusted proxy range or an `always_allow` range, nor be link-local.
+    /// Returns it normalised ([`normalise_network`]): an IPv4-mapped network is judged as the
+    /// IPv4 range it stands for. Inside a translation prefix the network may span at most an
+    /// IPv4 /16 (a /112), and the IPv4 range it embeds is judged as an IPv4 grant.
     pub fn grantable_network(&self, network: IpNet) -> Result<IpNet, Refusal> {
-        let network = network.trunc();
+        let network = normalise_network(network);
+        if let IpNet::V6(v6) = network {
+            if v6.prefix_len() < MAPPED.prefix_len() && v6.contains(&MAPPED) {
+                return Err(Refusal::MappedTooWide(network));
+            }
+            if let Some(t) = TRANSLATIONS.iter().find(|t| overlaps6(&v6, &t.prefix)) {
+                let embedded = v6
+                    .prefix_len()
+                    .checked_sub(96)
+                    .filter(|len| *len >= 16 && t.prefix.contains(&v6.network()))
+                    .and_then(|len| Ipv4Net::new(t.embedded(v6.network()), len).ok());
+                let Some(embedded) = embedded else {
+                    return Err(Refusal::TranslatedTooWide {
+                        network,
+                        kind: t.kind,
+                        prefix: IpNet::V6(t.prefix),
+                    });
+                };
+                self.grantable_network(IpNet::V4(embedded.trunc()))?;
+            }
+        }
         let first = normalise(network.network());
         if !routable(first) {
             return Err(Refusal::NotRoutable(first));
@@ -238,8 +365,26 @@ impl ClientIp {
     }
 }
 
+/// The network a client address stands for: IPv4 as a /32, IPv6 as its `ipv6_prefix` network
+/// (clamped to 128), since phones rotate addresses inside it. Translated clients are
+/// [`ClientIp::grantable`]'s business.
+pub fn client_network(client: IpAddr, ipv6_prefix: u8) -> IpNet {
+    let prefix = match client {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => ipv6_prefix.min(128),
+    };
+    // Cannot fail with the prefix clamped; the host network is the safe fallback.
+    IpNet::new(client, prefix)
+        .map(|net| net.trunc())
+        .unwrap_or_else(|_| IpNet::from(client))
+}
+
 /// Either network contains the other's network address.
 fn overlaps(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+fn overlaps6(a: &Ipv6Net, b: &Ipv6Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
@@ -644,6 +789,30 @@ mod tests {
                 }),
             ),
             case(
+                "nat64 client is granted its address alone",
+                "10.0.0.2",
+                &[b"64:ff9b::cb00:7109"],
+                Ok(net("64:ff9b::cb00:7109/128")),
+            ),
+            case(
+                "nat64 client embedding a trusted proxy",
+                "10.0.0.2",
+                &[b"64:ff9b::10.9.8.7"],
+                Err(ClientIsTrustedProxy(ip("10.9.8.7"))),
+            ),
+            case(
+                "teredo client is granted its address alone",
+                "10.0.0.2",
+                &[b"[2001:0:4136:e378:8000:63bf:3fff:fdd2]:443"],
+                Ok(net("2001:0:4136:e378:8000:63bf:3fff:fdd2/128")),
+            ),
+            case(
+                "teredo client embedding an always_allow address",
+                "10.0.0.2",
+                &[b"2001:0:4136:e378:8000:63bf:34ff:8ef8"],
+                Err(AlwaysAllowed(net("203.0.113.7/32"))),
+            ),
+            case(
                 "malformed element is truncated",
                 "10.0.0.2",
                 &[&[b'x'; 100]],
@@ -814,6 +983,166 @@ mod tests {
                 let _ = r.network_to_grant(ip("10.0.0.2"), [&value]);
             }
         }
+    }
+
+    #[test]
+    fn translated_clients_are_granted_their_address_alone() {
+        // Every NAT64 client of a translator, or Teredo client of a relay, shares one /64.
+        for prefix in [64, 56, 128] {
+            let r = resolver(prefix);
+            for client in [
+                "64:ff9b::cb00:7109",
+                "64:ff9b::203.0.113.10",
+                "64:ff9b:1:2::cb00:7109",
+                "64:ff9b:1:ffff:ffff:ffff:cb00:7109",
+                // RFC 4380's example: server 65.54.227.120, client 192.0.2.45 port 40000.
+                "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            ] {
+                assert_eq!(
+                    r.grantable(ip(client)),
+                    Ok(IpNet::from(ip(client))),
+                    "{client} with ipv6_prefix {prefix}"
+                );
+            }
+        }
+        // Next to the prefixes, clients still get their /64.
+        let r = resolver(64);
+        assert_eq!(
+            r.grantable(ip("64:ff9b:0:0:1::cb00:7109")),
+            Ok(net("64:ff9b::/64"))
+        );
+        assert_eq!(r.grantable(ip("2001:1::cb00:7109")), Ok(net("2001:1::/64")));
+    }
+
+    #[test]
+    fn the_ipv4_address_a_translated_client_embeds_is_judged() {
+        use Refusal::*;
+        let r = resolver(64);
+        for (client, want) in [
+            ("64:ff9b::10.9.8.7", ClientIsTrustedProxy(ip("10.9.8.7"))),
+            ("64:ff9b::127.0.0.1", ClientIsTrustedProxy(ip("127.0.0.1"))),
+            ("64:ff9b::cb00:7107", AlwaysAllowed(net("203.0.113.7/32"))),
+            ("64:ff9b::169.254.7.7", NotRoutable(ip("169.254.7.7"))),
+            ("64:ff9b::", NotRoutable(ip("0.0.0.0"))),
+            ("64:ff9b:1::a09:807", ClientIsTrustedProxy(ip("10.9.8.7"))),
+            (
+                "64:ff9b:1:abcd::cb00:7107",
+                AlwaysAllowed(net("203.0.113.7/32")),
+            ),
+            // Teredo: the client's address is the last 32 bits inverted.
+            (
+                "2001:0:4136:e378:8000:63bf:f5f6:f7f8",
+                ClientIsTrustedProxy(ip("10.9.8.7")),
+            ),
+            (
+                "2001:0:4136:e378:8000:63bf:34ff:8ef8",
+                AlwaysAllowed(net("203.0.113.7/32")),
+            ),
+            (
+                "2001:0:4136:e378:8000:63bf:ffff:ffff",
+                NotRoutable(ip("0.0.0.0")),
+            ),
+        ] {
+            assert_eq!(r.grantable(ip(client)), Err(want), "{client}");
+        }
+        // The server address inside a Teredo address is not the client's: a trusted one is fine.
+        assert_eq!(
+            r.grantable(ip("2001:0:a09:807:8000:63bf:3fff:fdd2")),
+            Ok(net("2001:0:a09:807:8000:63bf:3fff:fdd2/128"))
+        );
+    }
+
+    #[test]
+    fn an_operators_mapped_network_is_judged_as_ipv4() {
+        let r = resolver(64);
+        for (mapped, want) in [
+            ("::ffff:198.51.100.0/120", "198.51.100.0/24"),
+            ("::ffff:198.51.100.9/128", "198.51.100.9/32"),
+            ("::ffff:198.51.100.9/120", "198.51.100.0/24"),
+            ("::ffff:198.51.0.0/112", "198.51.0.0/16"),
+        ] {
+            assert_eq!(r.grantable_network(net(mapped)), Ok(net(want)), "{mapped}");
+        }
+        // The always_allow address 203.0.113.7 and the trusted 10.0.0.0/8, written mapped.
+        assert_eq!(
+            r.grantable_network(net("::ffff:203.0.113.0/120")),
+            Err(Refusal::AlwaysAllowed(net("203.0.113.7/32")))
+        );
+        assert_eq!(
+            r.grantable_network(net("::ffff:10.1.0.0/112")),
+            Err(Refusal::ClientIsTrustedProxy(ip("10.1.0.0")))
+        );
+        assert_eq!(
+            r.grantable_network(net("::ffff:169.254.0.0/112")),
+            Err(Refusal::NotRoutable(ip("169.254.0.0")))
+        );
+        // Wider than /96 it is not an IPv4 range but every IPv4 client and more.
+        for wide in ["::fffe:0:0/95", "::ffc0:0:0/90", "::/80"] {
+            let refusal = r.grantable_network(net(wide)).expect_err(wide).to_string();
+            for part in [wide, "::ffff:0.0.0.0/96", "ipv4"] {
+                assert!(refusal.contains(part), "{wide}: {refusal}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_operators_translated_network_stays_within_one_ipv4_range() {
+        let r = resolver(64);
+        for ok in [
+            "64:ff9b::c633:6407/128",
+            "64:ff9b::c633:6400/120",
+            "64:ff9b::c633:0/112",
+            "64:ff9b:1:2::c633:6400/120",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2/128",
+            // Teredo clients 192.0.2.0/24 behind one server and port.
+            "2001:0:4136:e378:8000:63bf:3fff:fd00/120",
+        ] {
+            assert_eq!(r.grantable_network(net(ok)), Ok(net(ok)), "{ok}");
+        }
+        // Covers more than an IPv4 /16 of translated clients: other people.
+        for (wide, prefix) in [
+            ("64:ff9b::c600:0/104", "64:ff9b::/96"),
+            ("64:ff9b::/96", "64:ff9b::/96"),
+            ("64:ff9b::/64", "64:ff9b::/96"),
+            ("64:ff9b::/32", "64:ff9b::/96"),
+            ("64:ff9b:1::/48", "64:ff9b:1::/48"),
+            ("64:ff9b:1:2::/64", "64:ff9b:1::/48"),
+            ("2001::/32", "2001::/32"),
+            ("2001:0:4136:e378::/64", "2001::/32"),
+            ("2001:0:4136:e378:8000:63bf::/96", "2001::/32"),
+        ] {
+            let refusal = r.grantable_network(net(wide)).expect_err(wide).to_string();
+            for part in [wide, prefix, "/112", "/128"] {
+                assert!(refusal.contains(part), "{wide}: {refusal}");
+            }
+        }
+        // The IPv4 range it embeds is judged as an IPv4 grant.
+        assert_eq!(
+            r.grantable_network(net("64:ff9b::a00:0/120")),
+            Err(Refusal::ClientIsTrustedProxy(ip("10.0.0.0")))
+        );
+        assert_eq!(
+            r.grantable_network(net("64:ff9b::cb00:7100/120")),
+            Err(Refusal::AlwaysAllowed(net("203.0.113.7/32")))
+        );
+        assert_eq!(
+            r.grantable_network(net("2001:0:4136:e378:8000:63bf:34ff:8e00/120")),
+            Err(Refusal::AlwaysAllowed(net("203.0.113.7/32")))
+        );
+    }
+
+    #[test]
+    fn policy_ranges_written_mapped_match_ipv4() {
+        let r = ClientIp::new(
+            vec![net("::ffff:10.0.0.0/104")],
+            vec![net("::ffff:203.0.113.7/128")],
+            64,
+        );
+        assert!(r.is_trusted(ip("10.1.2.3")));
+        assert_eq!(
+            r.grantable(ip("203.0.113.7")),
+            Err(Refusal::AlwaysAllowed(net("203.0.113.7/32")))
+        );
     }
 
     #[test]

@@ -463,6 +463,8 @@ impl Gate {
         if !active.policy.sources.contains_key(source) {
             return Err(GrantError::UnknownSource(source.to_string()));
         }
+        // `::ffff:203.0.0.0/104` is the IPv4 /8 it stands for: judge (and keep) that.
+        let network = crate::client_ip::normalise_network(network);
         if network.prefix_len() < network.max_prefix_len() / 2 {
             return Err(GrantError::TooWide(network));
         }
