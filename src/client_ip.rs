@@ -265,7 +265,6 @@ impl ClientIp {
             && let Some((_, v4)) = Translation::of(v6)
         {
             self.grantable(IpAddr::V4(v4))?;
-            return self.check_network(IpNet::from(client), client);
         }
         self.check_network(client_network(client, self.ipv6_prefix), client)
     }
@@ -365,12 +364,13 @@ impl ClientIp {
     }
 }
 
-/// The network a client address stands for: IPv4 as a /32, IPv6 as its `ipv6_prefix` network
-/// (clamped to 128), since phones rotate addresses inside it. Translated clients are
-/// [`ClientIp::grantable`]'s business.
+/// The network a (normalised) client address stands for: IPv4 as a /32, IPv6 as its
+/// `ipv6_prefix` network (clamped to 128), since phones rotate addresses inside it; an address
+/// inside a translation prefix (NAT64, Teredo) as itself, since its /64 is other people.
 pub fn client_network(client: IpAddr, ipv6_prefix: u8) -> IpNet {
     let prefix = match client {
         IpAddr::V4(_) => 32,
+        IpAddr::V6(v6) if Translation::of(v6).is_some() => 128,
         IpAddr::V6(_) => ipv6_prefix.min(128),
     };
     // Cannot fail with the prefix clamped; the host network is the safe fallback.
@@ -1012,6 +1012,24 @@ mod tests {
             Ok(net("64:ff9b::/64"))
         );
         assert_eq!(r.grantable(ip("2001:1::cb00:7109")), Ok(net("2001:1::/64")));
+    }
+
+    #[test]
+    fn client_network_is_the_one_address_to_network_rule() {
+        for (client, prefix, want) in [
+            ("203.0.113.9", 64, "203.0.113.9/32"),
+            ("2001:db8:abcd:1234::5", 64, "2001:db8:abcd:1234::/64"),
+            ("2001:db8:abcd:1234::5", 200, "2001:db8:abcd:1234::5/128"),
+            ("64:ff9b::cb00:7109", 56, "64:ff9b::cb00:7109/128"),
+            ("64:ff9b:1:2::cb00:7109", 64, "64:ff9b:1:2::cb00:7109/128"),
+            (
+                "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+                64,
+                "2001:0:4136:e378:8000:63bf:3fff:fdd2/128",
+            ),
+        ] {
+            assert_eq!(client_network(ip(client), prefix), net(want), "{client}");
+        }
     }
 
     #[test]
