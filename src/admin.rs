@@ -295,19 +295,18 @@ fn entry_json(source: &str, e: &Entry, expires: Option<Millis>) -> EntryJson {
 pub fn parse_address(s: &str, ipv6_prefix: u8) -> Result<IpNet, String> {
     let t = s.trim();
     if let Ok(ip) = t.parse::<IpAddr>() {
-        let ip = ip.to_canonical();
-        let prefix = match ip {
-            IpAddr::V4(_) => 32,
-            IpAddr::V6(_) => ipv6_prefix.min(128),
-        };
-        return Ok(IpNet::new(ip, prefix)
-            .map(|n| n.trunc())
-            .unwrap_or_else(|_| IpNet::from(ip)));
+        // The network a client at this address is granted: its /64 (ipv6_prefix), its /32, or
+        // exactly the address inside a NAT64 or Teredo prefix.
+        return Ok(crate::client_ip::client_network(
+            ip.to_canonical(),
+            ipv6_prefix,
+        ));
     }
     if t.contains('/')
         && let Ok(net) = policy::parse_cidr(t)
     {
-        return Ok(net);
+        // `::ffff:a.b.c.d/n` is the IPv4 range it maps, judged and shown as such.
+        return Ok(crate::client_ip::normalise_network(net));
     }
     Err(format!(
         "address `{s}` is not an IP address or CIDR network (expected e.g. 203.0.113.5, \

@@ -66,16 +66,20 @@ impl Provider {
     }
 
     /// The `traefik:` mapping of a policy serving the lists through this provider only.
+    /// The `traefik:` settings. `settle` (how long Traefik takes to apply a configuration its
+    /// throttle let through) is raised from its 150 ms default: these Traefiks log at DEBUG,
+    /// which marshals the whole configuration on every change, on a CI machine running other
+    /// tests at once; the benchmark (scripts/traefik-bench) measures the default at INFO.
     fn policy(self, traefik: &Traefik, redis: Option<&Redis>) -> String {
         match self {
             Provider::File => format!(
-                "{{ file: \"{}\" }}",
+                "{{ file: \"{}\", settle: {SETTLE} }}",
                 traefik.dynamic().join("gatekeeper.yml").display()
             ),
             // The HTTP provider reads /traefik/dynamic.json, always served: no file, no KV.
-            Provider::Http => "{}".to_string(),
+            Provider::Http => format!("{{ settle: {SETTLE} }}"),
             Provider::Redis => format!(
-                "{{ redis: {{ url: \"{}\" }} }}",
+                "{{ redis: {{ url: \"{}\" }}, settle: {SETTLE} }}",
                 redis.expect("a Redis for the KV provider").url()
             ),
         }
@@ -179,6 +183,9 @@ impl Gatekeeper {
             .collect()
     }
 }
+
+/// `traefik.settle` in these tests (see [`Provider::policy`]).
+const SETTLE: &str = "500ms";
 
 /// A policy trusting only Traefik (127.0.0.1), with Immich (always allowing [`WITNESS`]),
 /// Jellyfin (nobody), a mirror source `ha` and a share source `immich-share` checked against

@@ -150,7 +150,7 @@ fn slash_cn(dn: &str) -> Option<String> {
         .filter_map(|part| part.split_once('='))
         .filter(|(kind, _)| kind.trim().eq_ignore_ascii_case("CN"))
         .map(|(_, value)| value.to_string())
-        .last()
+        .next_back()
 }
 
 /// The CN of the first certificate's `Subject="..."` in Traefik's decoded info header.
