@@ -50,6 +50,8 @@ pub struct Metrics {
     share_checks: Labelled,
     throttled: Labelled,
     writes: Labelled,
+    /// Records in each share source's throttle table, as last seen (a gauge).
+    throttle_records: Mutex<BTreeMap<String, u64>>,
     /// Open and refused connections, counted by the accept loops.
     pub connections: Arc<ConnectionCounts>,
 }
@@ -104,6 +106,20 @@ impl Metrics {
         bump(&self.throttled, &[source]);
     }
 
+    /// `source`'s throttle table holds `records` clients now.
+    pub fn throttle_records(&self, source: &str, records: usize) {
+        let mut m = self
+            .throttle_records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match m.get_mut(source) {
+            Some(n) => *n = records as u64,
+            None => {
+                m.insert(source.to_string(), records as u64);
+            }
+        }
+    }
+
     /// An output (`state`, `traefik`) was written (`ok`) or failed (`error`).
     pub fn write(&self, output: &str, result: &str) {
         bump(&self.writes, &[output, result]);
@@ -152,6 +168,21 @@ impl Metrics {
             "Output writes, by output (state, traefik, traefik_redis, redis) and result (ok, error).",
             &["output", "result"],
             &self.writes,
+        );
+        let throttle_records: Vec<(String, u64)> = self
+            .throttle_records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(s, n)| (s.clone(), *n))
+            .collect();
+        series(
+            &mut out,
+            "gatekeeper_share_throttle_records",
+            "gauge",
+            "Clients tracked for share-check throttling (failures, bans, checks in flight), by source.",
+            "source",
+            &throttle_records,
         );
         let _ = writeln!(
             out,
@@ -270,6 +301,8 @@ mod tests {
         m.request(Endpoint::Allow, 403);
         m.request(Endpoint::Allow, 403);
         m.request(Endpoint::Mirror, 299);
+        m.throttle_records("immich-share", 7);
+        m.throttle_records("immich-share", 3);
         let text = m.render(&[("ha".into(), 1)], &[("immich".into(), 3)], None);
         for line in [
             "gatekeeper_grants_total{source=\"ha\"} 2",
@@ -278,6 +311,7 @@ mod tests {
             "gatekeeper_requests_total{endpoint=\"allow\",status=\"403\"} 2",
             "gatekeeper_requests_total{endpoint=\"mirror\",status=\"other\"} 1",
             "gatekeeper_entries{source=\"ha\"} 1",
+            "gatekeeper_share_throttle_records{source=\"immich-share\"} 3",
             "gatekeeper_allowed_networks{service=\"immich\"} 3",
             "# TYPE gatekeeper_grants_total counter",
         ] {

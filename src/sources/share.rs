@@ -21,8 +21,8 @@ use crate::sinks::traefik_apply::Provider;
 
 /// Forwarded URIs longer than this are refused: no share link is this long.
 pub const MAX_URI_LEN: usize = 2048;
-/// Clients tracked per source for throttling; past this, stale records are pruned, and if none
-/// is stale the newcomer is refused (fail closed) rather than forgetting a ban.
+/// Clients tracked per source for throttling (about 100 bytes each); past this, the least
+/// recently active are forgotten, bans last (see [`Throttle`]).
 pub const MAX_TRACKED_CLIENTS: usize = 65_536;
 /// Cached valid links per source.
 pub const MAX_CACHED_LINKS: usize = 4096;
@@ -174,70 +174,173 @@ pub fn throttle_key(client: IpAddr, ipv6_prefix: u8) -> IpNet {
     IpNet::new(client, prefix).map_or(IpNet::from(client), |n| n.trunc())
 }
 
+/// The network a flooding client's neighbours are tracked by together once
+/// [`MAX_CLIENTS_PER_GROUP`] of them are tracked one by one: an IPv4 /24 or an IPv6 /48, one
+/// site or one hosting customer. Wider keys (an `ipv6_prefix` of /48 or less) are their own group.
+pub fn throttle_group(key: IpNet) -> IpNet {
+    let prefix = if key.addr().is_ipv4() { 24 } else { 48 };
+    if key.prefix_len() <= prefix {
+        key
+    } else {
+        IpNet::new(key.addr(), prefix).map_or(key, |n| n.trunc())
+    }
+}
+
+/// Clients of one group tracked one by one; past this, a newcomer of the group is tracked as the
+/// whole group (one failure budget, one ban), so one /48 cannot fill the table.
+pub const MAX_CLIENTS_PER_GROUP: u32 = 64;
+/// Checks one client (one throttle key) may have in flight, waiting for a slot or for the
+/// upstream. A viewer opens a link once; more at once is a script holding check slots.
+pub const MAX_CHECKS_PER_CLIENT: u32 = 2;
+/// How often records that no longer matter (no failure in the window, no ban, nothing in
+/// flight) are dropped.
+const SWEEP_EVERY: Millis = 60_000;
+
 #[derive(Debug, Default, Clone)]
 struct ClientRecord {
     failures: Vec<Millis>,
     in_flight: u32,
     banned_until: Option<Millis>,
+    /// Last admission or outcome, for forgetting the least recently active first.
+    last: Millis,
+}
+
+impl ClientRecord {
+    fn banned(&self, now: Millis) -> bool {
+        self.banned_until.is_some_and(|b| b > now)
+    }
+
+    /// Nothing to remember: no failure within `window`, no ban, nothing in flight.
+    fn stale(&self, window: Millis, now: Millis) -> bool {
+        self.in_flight == 0 && !self.banned(now) && !self.failures.iter().any(|t| t + window > now)
+    }
 }
 
 /// Answer of [`Throttle::admit`].
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
-    /// Go ahead; report the outcome with [`Throttle::finish`].
-    Admitted,
-    /// Banned or at the failure limit: answer 429 without asking the upstream.
+    /// Go ahead; report the outcome with [`Throttle::finish`] under this key: the client's own,
+    /// or its group's (see [`throttle_group`]) when the group floods.
+    Admitted(IpNet),
+    /// Banned (the client or its group) or at the failure limit: answer 429 without asking the
+    /// upstream.
     Throttled,
+    /// [`MAX_CHECKS_PER_CLIENT`] checks of this client are in flight: answer 429 without asking.
+    Busy,
 }
 
 /// Failed checks per client, and bans. Checks in flight count against the limit, so a burst
 /// of concurrent guesses cannot get more than `max_failures` of them to the upstream.
-#[derive(Debug, Default)]
+///
+/// Memory is bounded without locking anyone out: a group (IPv4 /24, IPv6 /48) tracks at most
+/// [`MAX_CLIENTS_PER_GROUP`] clients one by one and its further clients as one; a full table
+/// forgets the least recently active clients that are neither banned nor checking, and only
+/// when every record is a ban, the bans that end soonest.
+#[derive(Debug)]
 pub struct Throttle {
-    clients: Mutex<HashMap<IpNet, ClientRecord>>,
+    table: Mutex<Table>,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    clients: HashMap<IpNet, ClientRecord>,
+    /// Clients tracked one by one, per group (a group's own record is not counted).
+    per_group: HashMap<IpNet, u32>,
+    next_sweep: Millis,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle::with_capacity(MAX_TRACKED_CLIENTS)
+    }
 }
 
 impl Throttle {
-    /// May `client` make another check at `now`?
-    pub fn admit(&self, client: IpNet, limits: &ShareCheck, now: Millis) -> Admission {
-        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        if !clients.contains_key(&client) && clients.len() >= MAX_TRACKED_CLIENTS {
-            let window = ms(limits.failure_window);
-            clients.retain(|_, r| {
-                r.in_flight > 0
-                    || r.banned_until.is_some_and(|b| b > now)
-                    || r.failures.iter().any(|t| t + window > now)
-            });
-            if clients.len() >= MAX_TRACKED_CLIENTS {
-                warn!(%client, "too many clients tracked for throttling; refusing a new one");
-                return Admission::Throttled;
-            }
+    /// A throttle tracking at most about `capacity` clients.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Throttle {
+            table: Mutex::new(Table::default()),
+            capacity: capacity.max(1),
         }
-        let r = clients.entry(client).or_default();
-        if r.banned_until.is_some_and(|b| b > now) {
+    }
+
+    /// Clients tracked now.
+    pub fn len(&self) -> usize {
+        self.lock().clients.len()
+    }
+
+    /// Whether no client is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// May `client` (its [`throttle_key`]) make another check at `now`?
+    pub fn admit(&self, client: IpNet, limits: &ShareCheck, now: Millis) -> Admission {
+        let window = ms(limits.failure_window);
+        let mut t = self.lock();
+        if now >= t.next_sweep {
+            t.sweep(window, now);
+            t.next_sweep = now + SWEEP_EVERY;
+        }
+        let group = throttle_group(client);
+        if group != client && t.clients.get(&group).is_some_and(|g| g.banned(now)) {
+            return Admission::Throttled;
+        }
+        let key = if group == client || t.clients.contains_key(&client) {
+            client
+        } else if t.clients.contains_key(&group)
+            || t.per_group.get(&group).copied().unwrap_or(0) >= MAX_CLIENTS_PER_GROUP
+        {
+            group
+        } else {
+            client
+        };
+        if !t.clients.contains_key(&key) {
+            if key != client {
+                warn!(network = %group, clients = MAX_CLIENTS_PER_GROUP, "one network floods share checks; tracking its further clients as one");
+            }
+            t.make_room(self.capacity, window, now);
+            t.insert(key);
+        }
+        let Some(r) = t.clients.get_mut(&key) else {
+            return Admission::Throttled;
+        };
+        r.last = now;
+        if r.banned(now) {
             return Admission::Throttled;
         }
         r.banned_until = None;
-        let window = ms(limits.failure_window);
         r.failures.retain(|t| t + window > now);
         if r.failures.len() as u64 + u64::from(r.in_flight) >= u64::from(limits.max_failures) {
             return Admission::Throttled;
         }
+        if r.in_flight >= MAX_CHECKS_PER_CLIENT {
+            // A viewer never gets here; a script holding check slots, or guessing in parallel,
+            // does: it counts as a failed check, so pressing on ends in a ban.
+            r.failures.push(now);
+            return Admission::Busy;
+        }
         r.in_flight += 1;
-        Admission::Admitted
+        Admission::Admitted(key)
     }
 
-    /// Report an admitted check's outcome: `failed` counts towards the ban. Returns true when
-    /// this failure started a ban.
-    pub fn finish(&self, client: IpNet, failed: bool, limits: &ShareCheck, now: Millis) -> bool {
-        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(r) = clients.get_mut(&client) else {
+    /// Report an admitted check's outcome under the key [`Throttle::admit`] gave: `failed`
+    /// counts towards the ban. Returns true when this failure started a ban.
+    pub fn finish(&self, key: IpNet, failed: bool, limits: &ShareCheck, now: Millis) -> bool {
+        let mut t = self.lock();
+        let Some(r) = t.clients.get_mut(&key) else {
             return false;
         };
         r.in_flight = r.in_flight.saturating_sub(1);
+        r.last = now;
         if !failed {
             if r.failures.is_empty() && r.in_flight == 0 && r.banned_until.is_none() {
-                clients.remove(&client);
+                t.remove(key);
             }
             return false;
         }
@@ -248,6 +351,97 @@ impl Throttle {
             return true;
         }
         false
+    }
+}
+
+impl Table {
+    fn insert(&mut self, key: IpNet) {
+        let group = throttle_group(key);
+        if group != key {
+            *self.per_group.entry(group).or_default() += 1;
+        }
+        self.clients.insert(key, ClientRecord::default());
+    }
+
+    fn remove(&mut self, key: IpNet) {
+        let group = throttle_group(key);
+        if self.clients.remove(&key).is_some() && group != key {
+            if let Some(n) = self.per_group.get_mut(&group) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_group.remove(&group);
+                }
+            }
+        }
+    }
+
+    fn recount(&mut self) {
+        self.per_group.clear();
+        for key in self.clients.keys() {
+            let group = throttle_group(*key);
+            if group != *key {
+                *self.per_group.entry(group).or_default() += 1;
+            }
+        }
+    }
+
+    fn sweep(&mut self, window: Millis, now: Millis) {
+        let before = self.clients.len();
+        self.clients.retain(|_, r| !r.stale(window, now));
+        if self.clients.len() != before {
+            self.recount();
+        }
+    }
+
+    /// Make room for one more record. Evicts an eighth of the table at a time, so a flood of
+    /// newcomers costs one pass per eighth, not one per request.
+    fn make_room(&mut self, capacity: usize, window: Millis, now: Millis) {
+        if self.clients.len() < capacity {
+            return;
+        }
+        self.sweep(window, now);
+        let target = capacity - (capacity / 8).max(1);
+        if self.clients.len() <= target {
+            return;
+        }
+        // The least recently active that are neither banned nor checking: forgetting one costs
+        // at most its failures so far.
+        let mut idle: Vec<(Millis, IpNet)> = self
+            .clients
+            .iter()
+            .filter(|(_, r)| r.in_flight == 0 && !r.banned(now))
+            .map(|(k, r)| (r.last, *k))
+            .collect();
+        idle.sort_unstable();
+        let excess = self.clients.len() - target;
+        let forgotten = idle.len().min(excess);
+        for (_, key) in idle.into_iter().take(excess) {
+            self.clients.remove(&key);
+        }
+        // Only bans left (many distinct attackers): forget those that end soonest rather than
+        // refuse every new viewer; each costs at most `max_failures` more guesses.
+        let mut unbanned = 0;
+        if self.clients.len() > target {
+            let mut bans: Vec<(Millis, IpNet)> = self
+                .clients
+                .iter()
+                .filter(|(_, r)| r.in_flight == 0)
+                .map(|(k, r)| (r.banned_until.unwrap_or(0), *k))
+                .collect();
+            bans.sort_unstable();
+            let excess = self.clients.len() - target;
+            unbanned = bans.len().min(excess);
+            for (_, key) in bans.into_iter().take(excess) {
+                self.clients.remove(&key);
+            }
+        }
+        self.recount();
+        warn!(
+            forgotten,
+            unbanned,
+            tracked = self.clients.len(),
+            "share throttle table full; forgot the least recently active clients"
+        );
     }
 }
 
@@ -421,15 +615,33 @@ pub async fn forward_auth(
             return (StatusCode::FORBIDDEN, "forbidden\n");
         }
     };
-    let key = throttle_key(client, active.policy.ipv6_prefix);
-    if state.throttle.admit(key, limits, gate.now()) == Admission::Throttled {
-        debug!(%client, source, "share check throttled");
-        gate.metrics().share_check(source, "throttled");
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many failed share checks\n",
-        );
-    }
+    let admission = state.throttle.admit(
+        throttle_key(client, active.policy.ipv6_prefix),
+        limits,
+        gate.now(),
+    );
+    gate.metrics()
+        .throttle_records(source, state.throttle.len());
+    let key = match admission {
+        Admission::Admitted(key) => key,
+        Admission::Throttled => {
+            debug!(%client, source, "share check throttled");
+            gate.metrics().share_check(source, "throttled");
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed share checks\n",
+            );
+        }
+        // 429, not 503: this client is being limited; the upstream is fine for everyone else.
+        Admission::Busy => {
+            debug!(%client, source, "share check refused: this client's checks are in flight");
+            gate.metrics().share_check(source, "busy");
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many share checks in flight\n",
+            );
+        }
+    };
     let uri = headers
         .get("x-forwarded-uri")
         .and_then(|v| v.to_str().ok())
@@ -526,7 +738,10 @@ fn finish(gate: &Gate, active: &Active, key: IpNet, failed: bool, source: &str) 
         return;
     };
     let limits = &share.check;
-    if state.throttle.finish(key, failed, limits, gate.now()) {
+    let banned = state.throttle.finish(key, failed, limits, gate.now());
+    gate.metrics()
+        .throttle_records(source, state.throttle.len());
+    if banned {
         info!(client = %key, source, ban = ?limits.ban, "throttled: too many failed share checks");
         gate.metrics().throttled(source);
         gate.notify(
@@ -801,6 +1016,10 @@ mod tests {
         );
     }
 
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn throttle_counts_in_flight_and_bans() {
         let limits = ShareCheck {
@@ -808,24 +1027,53 @@ mod tests {
             ..ShareCheck::default()
         };
         let t = Throttle::default();
-        let c: IpNet = "203.0.113.9/32".parse().unwrap();
-        // Three concurrent guesses are admitted, the fourth is not even sent.
-        for _ in 0..3 {
-            assert_eq!(t.admit(c, &limits, 0), Admission::Admitted);
+        let c = net("203.0.113.9/32");
+        // Two concurrent guesses are admitted; a third is refused and counts as a failure.
+        for _ in 0..2 {
+            assert_eq!(t.admit(c, &limits, 0), Admission::Admitted(c));
         }
-        assert_eq!(t.admit(c, &limits, 0), Admission::Throttled);
+        assert_eq!(t.admit(c, &limits, 0), Admission::Busy);
         assert!(!t.finish(c, true, &limits, 1));
-        assert!(!t.finish(c, true, &limits, 2));
+        // Two failures and one in flight: another guess could pass max_failures, so it is not sent.
+        assert_eq!(t.admit(c, &limits, 1), Admission::Throttled);
         assert!(t.finish(c, true, &limits, 3), "the third failure bans");
         let ban_ends = 3 + ms(limits.ban);
         assert_eq!(t.admit(c, &limits, ban_ends - 1), Admission::Throttled);
-        assert_eq!(t.admit(c, &limits, ban_ends), Admission::Admitted);
+        assert_eq!(t.admit(c, &limits, ban_ends), Admission::Admitted(c));
         // Other clients are not affected; successes do not count.
-        let other: IpNet = "203.0.113.10/32".parse().unwrap();
+        let other = net("203.0.113.10/32");
         for i in 0..10 {
-            assert_eq!(t.admit(other, &limits, i), Admission::Admitted);
+            assert_eq!(t.admit(other, &limits, i), Admission::Admitted(other));
             assert!(!t.finish(other, false, &limits, i));
         }
+    }
+
+    #[test]
+    fn checks_in_flight_are_capped_per_client_and_not_per_neighbour() {
+        let limits = ShareCheck::default(); // max_failures: 5
+        let t = Throttle::default();
+        let c = throttle_key("2001:db8:5:6::1".parse().unwrap(), 64);
+        let same = throttle_key("2001:db8:5:6::2".parse().unwrap(), 64);
+        let neighbour = throttle_key("2001:db8:5:7::1".parse().unwrap(), 64);
+        assert_eq!(t.admit(c, &limits, 0), Admission::Admitted(c));
+        assert_eq!(t.admit(same, &limits, 0), Admission::Admitted(c));
+        assert_eq!(t.admit(c, &limits, 0), Admission::Busy);
+        assert_eq!(
+            t.admit(neighbour, &limits, 0),
+            Admission::Admitted(neighbour)
+        );
+        // A check that ends (a timeout is not a failure) frees its place.
+        assert!(!t.finish(c, false, &limits, 1));
+        assert_eq!(t.admit(c, &limits, 1), Admission::Admitted(c));
+        // Pressing on counts: three refused and two in flight reach max_failures.
+        assert_eq!(t.admit(c, &limits, 2), Admission::Busy);
+        assert_eq!(t.admit(c, &limits, 2), Admission::Busy);
+        assert_eq!(t.admit(c, &limits, 2), Admission::Throttled);
+        assert!(!t.finish(c, true, &limits, 3));
+        assert!(
+            t.finish(c, true, &limits, 3),
+            "three refused, two failed: banned"
+        );
     }
 
     #[test]
@@ -836,14 +1084,118 @@ mod tests {
             ..ShareCheck::default()
         };
         let t = Throttle::default();
-        let c: IpNet = "203.0.113.9/32".parse().unwrap();
-        assert_eq!(t.admit(c, &limits, 0), Admission::Admitted);
+        let c = net("203.0.113.9/32");
+        assert_eq!(t.admit(c, &limits, 0), Admission::Admitted(c));
         t.finish(c, true, &limits, 0);
-        assert_eq!(t.admit(c, &limits, 10_000), Admission::Admitted);
+        assert_eq!(t.admit(c, &limits, 10_000), Admission::Admitted(c));
         assert!(
             !t.finish(c, true, &limits, 10_000),
             "the first failure has aged out"
         );
+        // Records that no longer matter are swept, at most once a minute.
+        assert_eq!(t.len(), 1);
+        let other = net("203.0.113.10/32");
+        assert_eq!(t.admit(other, &limits, 80_000), Admission::Admitted(other));
+        assert_eq!(t.len(), 1, "only the newcomer is left");
+    }
+
+    #[test]
+    fn a_flooding_48_is_tracked_as_one_client_after_64_of_its_64s() {
+        let limits = ShareCheck {
+            max_failures: 2,
+            ..ShareCheck::default()
+        };
+        let t = Throttle::default();
+        let sub = |i: u32| throttle_key(format!("2001:db8:1:{i:x}::1").parse().unwrap(), 64);
+        for i in 0..MAX_CLIENTS_PER_GROUP {
+            assert_eq!(t.admit(sub(i), &limits, 1), Admission::Admitted(sub(i)));
+            t.finish(sub(i), true, &limits, 1);
+        }
+        let group = net("2001:db8:1::/48");
+        assert_eq!(throttle_group(sub(7)), group);
+        for i in 100..102 {
+            assert_eq!(t.admit(sub(i), &limits, 2), Admission::Admitted(group));
+            assert_eq!(t.finish(group, true, &limits, 2), i == 101, "{i}");
+        }
+        // The group is banned: its new clients and those tracked alone alike.
+        for i in [0, 5, 500, 0xffff] {
+            assert_eq!(t.admit(sub(i), &limits, 3), Admission::Throttled, "{i}");
+        }
+        assert_eq!(t.len(), MAX_CLIENTS_PER_GROUP as usize + 1);
+        // Another /48, and IPv4, are not affected.
+        let other = throttle_key("2001:db8:2::1".parse().unwrap(), 64);
+        assert_eq!(t.admit(other, &limits, 3), Admission::Admitted(other));
+        let v4 = net("198.51.100.7/32");
+        assert_eq!(t.admit(v4, &limits, 3), Admission::Admitted(v4));
+        // A prefix of /48 or wider is its own group.
+        let wide = throttle_key("2001:db8:3::1".parse().unwrap(), 48);
+        assert_eq!(throttle_group(wide), wide);
+        assert_eq!(t.admit(wide, &limits, 3), Admission::Admitted(wide));
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_least_recently_active_and_keeps_bans() {
+        let limits = ShareCheck {
+            max_failures: 2,
+            ..ShareCheck::default()
+        };
+        let t = Throttle::with_capacity(16);
+        // One address in each of many /24s and /48s: no group floods.
+        let v4 = |i: u32| net(&format!("10.{}.{}.1/32", i / 256, i % 256));
+        let banned: Vec<IpNet> = (0..4).map(v4).collect();
+        for c in &banned {
+            for _ in 0..2 {
+                assert_eq!(t.admit(*c, &limits, 1), Admission::Admitted(*c));
+                t.finish(*c, true, &limits, 1);
+            }
+        }
+        for i in 4..1000 {
+            let c = if i % 2 == 0 {
+                v4(i)
+            } else {
+                throttle_key(format!("2001:db8:{i:x}::1").parse().unwrap(), 64)
+            };
+            let now = 10 + Millis::from(i);
+            assert_eq!(t.admit(c, &limits, now), Admission::Admitted(c), "{i}");
+            t.finish(c, true, &limits, now);
+            assert!(t.len() <= 16, "{} tracked", t.len());
+        }
+        for c in &banned {
+            assert_eq!(t.admit(*c, &limits, 2000), Admission::Throttled, "{c}");
+        }
+        // The most recent failure is still remembered: one more bans.
+        let last = v4(998);
+        assert_eq!(t.admit(last, &limits, 2000), Admission::Admitted(last));
+        assert!(t.finish(last, true, &limits, 2000));
+    }
+
+    #[test]
+    fn a_table_full_of_bans_forgets_those_ending_soonest_rather_than_lock_out_newcomers() {
+        let limits = ShareCheck {
+            max_failures: 1,
+            ..ShareCheck::default()
+        };
+        let t = Throttle::with_capacity(8);
+        let v4 = |i: u32| net(&format!("10.{i}.0.1/32"));
+        for i in 0..8 {
+            assert_eq!(
+                t.admit(v4(i), &limits, i.into()),
+                Admission::Admitted(v4(i))
+            );
+            assert!(t.finish(v4(i), true, &limits, i.into()));
+        }
+        let newcomer = net("198.51.100.7/32");
+        assert_eq!(
+            t.admit(newcomer, &limits, 10),
+            Admission::Admitted(newcomer)
+        );
+        assert!(t.len() <= 8);
+        assert_eq!(
+            t.admit(v4(0), &limits, 11),
+            Admission::Admitted(v4(0)),
+            "ended soonest"
+        );
+        assert_eq!(t.admit(v4(7), &limits, 11), Admission::Throttled, "kept");
     }
 
     #[test]
