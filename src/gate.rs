@@ -127,6 +127,8 @@ struct Inner {
     metrics: Metrics,
     /// The last output failure, for health reporting; `None` when healthy.
     output_error: Mutex<Option<String>>,
+    /// The output file being written now, if any: a write that does not return is reported.
+    writing: Mutex<Writing>,
     clock: fn() -> Millis,
 }
 
@@ -152,6 +154,22 @@ pub enum GrantError {
     #[error("{0} is too wide to grant (at most /16 for IPv4, /64 for IPv6)")]
     TooWide(IpNet),
 }
+
+/// Is `network` wider than any grant: wider than a /16 for IPv4 or a /64 for IPv6 (the rule of
+/// [`Gate::grant`]), unless it is an IPv6 network of the policy's `ipv6_prefix`, which a
+/// mirrored client is granted?
+pub(crate) fn too_wide(network: IpNet, ipv6_prefix: u8) -> bool {
+    let beyond_operator = network.prefix_len() < network.max_prefix_len() / 2;
+    let client_prefix = matches!(network, IpNet::V6(_)) && network.prefix_len() >= ipv6_prefix;
+    beyond_operator && !client_prefix
+}
+
+/// A write of an output that takes longer than this shows on `/healthz` as stuck (a FIFO or a
+/// hung network mount at the output path).
+pub const STUCK_WRITE: Duration = Duration::from_secs(10);
+
+/// What the output writer is writing now, and since when.
+type Writing = Option<(PathBuf, std::time::Instant)>;
 
 /// What restoring the state file did, for the startup log.
 #[derive(Debug, Default)]
@@ -228,6 +246,7 @@ impl Gate {
                 http: share::http_client(),
                 metrics: Metrics::default(),
                 output_error: Mutex::new(None),
+                writing: Mutex::new(None),
                 clock,
             }),
         };
@@ -290,13 +309,21 @@ impl Gate {
         }
     }
 
-    /// Everything unhealthy now: failing outputs and what other parts reported, one line each.
+    /// Everything unhealthy now: failing or stuck outputs and what other parts reported, one
+    /// line each.
     pub fn problems(&self) -> Vec<String> {
         let mut all: Vec<String> = self
             .output_error()
             .map(|e| format!("outputs failing: {e}"))
             .into_iter()
             .collect();
+        if let Some((path, since)) = self.stuck_write() {
+            all.push(format!(
+                "outputs: writing {} has not finished for {}s",
+                path.display(),
+                since.as_secs()
+            ));
+        }
         let reported = self
             .inner
             .problems
@@ -610,15 +637,19 @@ impl Gate {
 
     /// A grant the shared store made, with what it evicted, applied to the local copy; logged,
     /// counted and notified here, once, by the replica that asked for it. Returns the change
-    /// counter.
+    /// counter, or `None` when a reload removed the source while Redis was asked (the entry
+    /// stays under the removed source's keys in Redis, which no replica reads).
     pub(crate) fn shared_granted(
         &self,
         source: &str,
         entry: Restore,
         status: GrantStatus,
         evicted: Vec<Removed>,
-    ) -> u64 {
+    ) -> Option<u64> {
         let active = self.active();
+        if !active.policy.sources.contains_key(source) {
+            return None;
+        }
         let network = entry.network;
         let identity = entry.identity.clone();
         let mut ledger = self.ledger();
@@ -632,12 +663,12 @@ impl Gate {
             GrantStatus::Known => {}
         }
         self.removed(&active, &removed);
-        generation
+        Some(generation)
     }
 
     /// Log, count and notify a new grant, once, on the replica that made it.
     fn granted(&self, active: &Active, source: &str, network: IpNet, identity: Option<&str>) {
-        let services = &active.policy.sources[source].unlocks;
+        let services = active.policy.sources.get(source).map(|s| &s.unlocks);
         info!(source, %network, identity, ?services, "granted");
         self.inner.metrics.grant(source);
         self.notify(active, EventKind::Grant, source, network, identity);
@@ -739,6 +770,29 @@ impl Gate {
             .unwrap_or_else(PoisonError::into_inner) = e;
     }
 
+    /// The output being written for [`STUCK_WRITE`] or longer, and for how long.
+    pub fn stuck_write(&self) -> Option<(PathBuf, Duration)> {
+        let writing = self
+            .inner
+            .writing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (path, since) = writing.as_ref()?;
+        let elapsed = since.elapsed();
+        (elapsed >= STUCK_WRITE).then(|| (path.clone(), elapsed))
+    }
+
+    /// Note that `path` is being written until the returned guard is dropped.
+    fn writing(&self, path: &Path) -> WritingGuard<'_> {
+        *self
+            .inner
+            .writing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
+            Some((path.to_path_buf(), std::time::Instant::now()));
+        WritingGuard(self)
+    }
+
     /// Expire entries when they are due, with no request needed, until `shutdown` resolves.
     pub async fn run_expiry(self, shutdown: impl Future<Output = ()>) {
         let mut changes = self.inner.changes.subscribe();
@@ -809,14 +863,30 @@ impl Gate {
 
 impl Gate {
     /// Flush on a blocking thread: fsync can take milliseconds, which must not stall requests.
+    /// A write that has not returned after [`STUCK_WRITE`] is logged (and shown on `/healthz`
+    /// by [`Gate::problems`]); the flush goes on waiting for it, since a blocked thread cannot
+    /// be interrupted.
     async fn flush_blocking(&self, mut writer: OutputWriter) -> (OutputWriter, bool) {
         let gate = self.clone();
-        match tokio::task::spawn_blocking(move || {
+        let mut flush = tokio::task::spawn_blocking(move || {
             let ok = writer.flush(&gate);
             (writer, !ok)
-        })
-        .await
-        {
+        });
+        let joined = tokio::select! {
+            joined = &mut flush => joined,
+            _ = tokio::time::sleep(STUCK_WRITE) => {
+                let stuck = self.stuck_write();
+                if let Some((path, _)) = &stuck {
+                    error!(path = %path.display(), "writing an output has not finished for {}s: a FIFO or a hung mount at that path? see /healthz", STUCK_WRITE.as_secs());
+                }
+                let joined = flush.await;
+                if let Some((path, _)) = stuck {
+                    info!(path = %path.display(), "the stuck output write returned");
+                }
+                joined
+            }
+        };
+        match joined {
             Ok(done) => done,
             Err(e) => {
                 error!(error = %e, "output flush panicked");
@@ -833,6 +903,20 @@ fn remove_all(ledger: &mut Ledger, removed: Vec<Removed>) -> Vec<Removed> {
         .into_iter()
         .map(|r| ledger.remove(&r.source, r.network, r.why).unwrap_or(r))
         .collect()
+}
+
+/// Clears what [`Gate::writing`] noted when the write returns (or panics).
+struct WritingGuard<'a>(&'a Gate);
+
+impl Drop for WritingGuard<'_> {
+    fn drop(&mut self) {
+        *self
+            .0
+            .inner
+            .writing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
 
 fn publish_at_least(tx: &watch::Sender<u64>, generation: u64) {
@@ -888,7 +972,11 @@ impl OutputWriter {
         if let Some(state) = state
             && self.state.as_ref() != Some(&state)
         {
-            match store::save(&state.0, &state.1) {
+            let saved = {
+                let _writing = gate.writing(&state.0);
+                store::save(&state.0, &state.1)
+            };
+            match saved {
                 Ok(_) => {
                     gate.inner.metrics.write("state", "ok");
                     self.state = Some(state);
@@ -926,7 +1014,11 @@ impl OutputWriter {
             let yaml = traefik_file::render(&snapshot, &policy.traefik, &policy.origin);
             let yaml = (path.clone(), yaml);
             if self.traefik.as_ref() != Some(&yaml) {
-                match traefik_file::write(path, &yaml.1) {
+                let wrote = {
+                    let _writing = gate.writing(path);
+                    traefik_file::write(path, &yaml.1)
+                };
+                match wrote {
                     Ok(done) => {
                         gate.inner.metrics.write("traefik", "ok");
                         // The first write of this process may follow the creation of the hidden
@@ -1025,5 +1117,47 @@ impl Gate {
                 (source.to_string(), e.clone(), expires)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grants_are_at_most_a_16_or_a_64_or_the_clients_ipv6_prefix() {
+        let wide = |n: &str, prefix| too_wide(n.parse().unwrap(), prefix);
+        assert!(!wide("198.51.0.0/16", 64));
+        assert!(wide("198.0.0.0/15", 64));
+        assert!(!wide("2001:db8::/64", 64));
+        assert!(wide("2001:db8::/63", 64));
+        assert!(!wide("2001:db8::/48", 48));
+        assert!(wide("2001:db8::/47", 48));
+        // ipv6_prefix never widens IPv4.
+        assert!(wide("10.0.0.0/8", 8));
+    }
+
+    #[test]
+    fn a_write_that_does_not_return_shows_on_health_until_it_does() {
+        let policy = crate::policy::from_yaml_str(
+            "services: { immich: {} }\nsources:\n  ha: { kind: mirror, hosts: [ha.example.com], unlocks: \"*\" }\n",
+            "test",
+        )
+        .unwrap();
+        let (gate, _) = Gate::new(policy, Vec::new());
+        let path = Path::new("/srv/traefik/gatekeeper.yml");
+        let guard = gate.writing(path);
+        // Just started: not stuck.
+        assert!(gate.problems().is_empty());
+        let long_ago = std::time::Instant::now()
+            .checked_sub(STUCK_WRITE + Duration::from_secs(2))
+            .unwrap();
+        gate.inner.writing.lock().unwrap().as_mut().unwrap().1 = long_ago;
+        assert_eq!(
+            gate.problems(),
+            vec!["outputs: writing /srv/traefik/gatekeeper.yml has not finished for 12s"]
+        );
+        drop(guard);
+        assert!(gate.problems().is_empty());
     }
 }

@@ -23,7 +23,7 @@
 //! (nothing unsafe is buffered), revocations and expiries still apply locally and revocations are
 //! sent once Redis is back; `/healthz` and `gatekeeper_redis_up` report it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::gate::Gate;
+use crate::gate::{self, Active, Gate};
 use crate::ledger::{Millis, Removal, Removed, Restore};
 use crate::policy::RedisStore;
 
@@ -48,6 +48,9 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A grant that waited longer than this for Redis is refused rather than applied late.
 pub const STALE_GRANT: Duration = Duration::from_secs(3);
+/// A time read from Redis (last or first seen) may be this far ahead of the replica's clock
+/// (clock skew); an entry further in the future would never expire, and is not taken.
+pub const MAX_AHEAD: Duration = Duration::from_secs(3600);
 /// After losing Redis, the first retry comes this soon; later ones back off to 5 s.
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 /// Grants and revocations waiting for the store, at most; more are refused (grants) at once.
@@ -73,6 +76,23 @@ local function server_now()
   local t = redis.call('TIME')
   return string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 end
+-- A meta value as gatekeeper writes it, or nil: anything else (another writer's, a partial
+-- write) must not make a script fail, or every tick would.
+local function read_meta(text)
+  if not text then return nil end
+  local ok, m = pcall(cjson.decode, text)
+  if not ok or type(m) ~= 'table' then return nil end
+  local function digits(v) return type(v) == 'string' and string.match(v, '^%d+$') ~= nil end
+  if not digits(m.first_seen) then return nil end
+  if m.identity ~= nil and type(m.identity) ~= 'string' then return nil end
+  if m['until'] ~= nil and not digits(m['until']) then return nil end
+  return m
+end
+-- A hits value that is not a count is reset, so HINCRBY cannot fail.
+local function repair_hits(net)
+  local h = redis.call('HGET', hits, net)
+  if h and not string.match(h, '^%d+$') then redis.call('HSET', hits, net, 0) end
+end
 local function evict(out, max, keep)
   while redis.call('ZCARD', seen) > max do
     local two = redis.call('ZRANGE', seen, 0, 1)
@@ -84,18 +104,18 @@ local function evict(out, max, keep)
 end
 "#;
 
-/// ARGV: network, max_ips, identity ('' none), until ('keep', 'none' or ms), channel, id.
+/// ARGV: network, max_ips, identity ('' none), until ('keep', 'none' or ms), channel, id, how
+/// far ahead (ms) a last-seen time may be before it is replaced.
 /// Returns {status, meta, now, removed…}: status is new, known or reidentified. The time is the
 /// server's, so the LRU order is the order in which grants reached Redis, whatever the replicas'
 /// clocks say.
 const LUA_GRANT: &str = r#"
 local net, max, identity, untl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local now = server_now()
-local old = redis.call('HGET', meta, net)
+-- An unreadable meta is replaced as if the entry were new: the client proved trust just now.
+local m = read_meta(redis.call('HGET', meta, net))
 local status = 'new'
-local m
-if old then
-  m = cjson.decode(old)
+if m then
   status = 'known'
   if identity ~= '' and m.identity ~= identity then
     m.identity = identity
@@ -108,7 +128,14 @@ end
 if untl == 'none' then m['until'] = nil elseif untl ~= 'keep' then m['until'] = untl end
 local encoded = cjson.encode(m)
 redis.call('HSET', meta, net, encoded)
-redis.call('ZADD', seen, 'GT', now, net)
+-- A last-seen time far ahead of the server's clock would never expire: replace it.
+local score = redis.call('ZSCORE', seen, net)
+if score and tonumber(score) > tonumber(now) + tonumber(ARGV[7]) then
+  redis.call('ZADD', seen, now, net)
+else
+  redis.call('ZADD', seen, 'GT', now, net)
+end
+repair_hits(net)
 redis.call('HINCRBY', hits, net, 1)
 local out = {status, encoded, now}
 evict(out, max, net)
@@ -122,7 +149,10 @@ const LUA_TOUCH: &str = r#"
 for i = 1, #ARGV, 3 do
   if redis.call('ZSCORE', seen, ARGV[i]) then
     redis.call('ZADD', seen, 'GT', ARGV[i + 1], ARGV[i])
-    if tonumber(ARGV[i + 2]) > 0 then redis.call('HINCRBY', hits, ARGV[i], ARGV[i + 2]) end
+    if tonumber(ARGV[i + 2]) > 0 then
+      repair_hits(ARGV[i])
+      redis.call('HINCRBY', hits, ARGV[i], ARGV[i + 2])
+    end
   end
 end
 return 0
@@ -155,10 +185,13 @@ if idle ~= '' then
 end
 local all = redis.call('HGETALL', meta)
 for i = 1, #all, 2 do
-  local m = cjson.decode(all[i + 1])
-  local old = age ~= '' and tonumber(m.first_seen) + tonumber(age) <= now
-  local ended = m['until'] and tonumber(m['until']) <= now
-  if old or ended then drop(out, all[i], 'max_age') end
+  -- An unreadable meta is left alone (replicas skip the entry; idle expiry still applies).
+  local m = read_meta(all[i + 1])
+  if m then
+    local old = age ~= '' and tonumber(m.first_seen) + tonumber(age) <= now
+    local ended = m['until'] and tonumber(m['until']) <= now
+    if old or ended then drop(out, all[i], 'max_age') end
+  end
 end
 evict(out, max, nil)
 if #out > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
@@ -441,6 +474,83 @@ fn removals(source: &str, flat: &[String]) -> Vec<Removed> {
         .collect()
 }
 
+/// One entry as a full read found it in Redis, not yet trusted.
+struct Found<'a> {
+    network: &'a str,
+    /// Its score in `seen`.
+    last_seen: f64,
+    meta: Option<&'a str>,
+    hits: Option<&'a str>,
+}
+
+impl Found<'_> {
+    /// The entry, if a grant on this replica (`active`) could have made it: a network written
+    /// as gatekeeper writes it, that `grantable_network` keeps as it is and no wider than a grant
+    /// may be; readable meta and hits; no time more than [`MAX_AHEAD`] past `now`. `Err`: why not.
+    fn check(&self, active: &Active, now: Millis) -> Result<Restore, String> {
+        let network: IpNet = self
+            .network
+            .parse()
+            .map_err(|_| "not a network".to_string())?;
+        if network.to_string() != self.network || network.trunc() != network {
+            return Err(format!(
+                "not written as a granted network ({})",
+                network.trunc()
+            ));
+        }
+        if gate::too_wide(network, active.policy.ipv6_prefix) {
+            return Err(format!(
+                "wider than a grant may be (/16 for IPv4, /{} for IPv6)",
+                active.policy.ipv6_prefix.min(64)
+            ));
+        }
+        match active.client_ip.grantable_network(network) {
+            Ok(n) if n == network => {}
+            Ok(n) => return Err(format!("granted as {n}, not {network}")),
+            Err(why) => return Err(why.to_string()),
+        }
+        let ahead = |t: Millis| t > now.saturating_add(MAX_AHEAD.as_millis() as Millis);
+        if !self.last_seen.is_finite() || self.last_seen < 0.0 {
+            return Err(format!("last seen {} is not a time", self.last_seen));
+        }
+        let last_seen = self.last_seen as Millis;
+        if ahead(last_seen) {
+            return Err(format!("last seen {last_seen} is in the future"));
+        }
+        let Some(meta) = self.meta.and_then(Meta::parse) else {
+            return Err("its meta is missing or unreadable".to_string());
+        };
+        let first_seen: Millis = meta
+            .first_seen
+            .parse()
+            .map_err(|_| format!("first seen {:?} is not a time", meta.first_seen))?;
+        if ahead(first_seen) {
+            return Err(format!("first seen {first_seen} is in the future"));
+        }
+        let until = match &meta.until {
+            None => None,
+            Some(u) => Some(
+                u.parse()
+                    .map_err(|_| format!("until {u:?} is not a time"))?,
+            ),
+        };
+        let hits = match self.hits {
+            None => 0,
+            Some(h) => h
+                .parse()
+                .map_err(|_| format!("hits {h:?} is not a count"))?,
+        };
+        Ok(Restore {
+            network,
+            first_seen,
+            last_seen,
+            hits,
+            identity: meta.identity,
+            until,
+        })
+    }
+}
+
 /// Run a call to Redis (this store, or Traefik's KV) for at most `after`, naming the step `what`
 /// when it fails: a server that accepts connections but never answers must not stall anything.
 pub(crate) async fn timed_for<T>(
@@ -488,6 +598,8 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
         pending_revokes: Vec::new(),
         flushed: HashMap::new(),
         epoch: None,
+        skipped: HashMap::new(),
+        expired_here: HashSet::new(),
     };
     tokio::pin!(stop);
     let client = match redis::Client::open(store.url.as_str()) {
@@ -530,7 +642,11 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
                     Some(op) => worker.refuse(op),
                     None => return,
                 },
-                _ = tick.tick() => { gate.expire_due(); }
+                _ = tick.tick() => {
+                    for r in gate.expire_due() {
+                        worker.expired_here.insert((r.source, r.network));
+                    }
+                }
                 _ = &mut stop => return,
             }
         }
@@ -550,6 +666,11 @@ struct Worker {
     /// The store's epoch when this replica last read it: a different or missing one means Redis
     /// lost its data.
     epoch: Option<String>,
+    /// Entries of the last read that were not taken, with why (each is logged once).
+    skipped: HashMap<(String, String), String>,
+    /// Entries expired here while Redis was unreachable (already logged and notified): when
+    /// Redis expires them too, they are dropped quietly. Cleared by the next full read.
+    expired_here: HashSet<(String, IpNet)>,
 }
 
 impl Worker {
@@ -768,6 +889,7 @@ impl Worker {
                 .arg(until_arg)
                 .arg(&self.keys.channel)
                 .arg(&self.id)
+                .arg(MAX_AHEAD.as_millis() as u64)
                 .invoke_async(con),
         )
         .await?;
@@ -793,7 +915,9 @@ impl Worker {
             until: meta.until.and_then(|u| u.parse().ok()),
         };
         let evicted = removals(source, &out[3..]);
-        Ok(self.gate.shared_granted(source, entry, status, evicted))
+        self.gate
+            .shared_granted(source, entry, status, evicted)
+            .ok_or_else(|| StoreError::UnknownSource(source.to_string()))
     }
 
     async fn send_revokes(&mut self, con: &mut MultiplexedConnection) -> Result<(), StoreError> {
@@ -848,6 +972,13 @@ impl Worker {
             )
             .await?;
             removed.extend(removals(name, &out));
+        }
+        let (known, removed): (Vec<Removed>, Vec<Removed>) = removed
+            .into_iter()
+            .partition(|r| self.expired_here.contains(&(r.source.clone(), r.network)));
+        if !known.is_empty() {
+            debug!(entries = known.len(), "expired in Redis too");
+            self.gate.shared_forget(known);
         }
         if !removed.is_empty() {
             self.gate.shared_removed(removed);
@@ -910,7 +1041,7 @@ impl Worker {
         type Read = (
             Vec<(String, f64)>,
             HashMap<String, String>,
-            HashMap<String, u64>,
+            HashMap<String, String>,
         );
         let mut read: Vec<Read> = Vec::new();
         let mut rest = values.drain(1..);
@@ -925,28 +1056,34 @@ impl Worker {
                 redis::from_redis_value(hits).map_err(parse)?,
             ));
         }
+        let now = self.gate.now();
+        let mut skipped = HashMap::new();
         let mut books = Vec::new();
         for (name, (seen, meta, hits)) in names.into_iter().zip(read) {
             let mut entries = Vec::new();
             for (net, last_seen) in seen {
-                let (Ok(network), Some(m)) = (
-                    net.parse::<IpNet>(),
-                    meta.get(&net).and_then(|m| Meta::parse(m)),
-                ) else {
-                    warn!(source = %name, entry = %net, "ignoring an unreadable entry in Redis");
-                    continue;
+                let found = Found {
+                    network: &net,
+                    last_seen,
+                    meta: meta.get(&net).map(String::as_str),
+                    hits: hits.get(&net).map(String::as_str),
                 };
-                entries.push(Restore {
-                    network,
-                    first_seen: m.first_seen.parse().unwrap_or(last_seen as Millis),
-                    last_seen: last_seen as Millis,
-                    hits: hits.get(&net).copied().unwrap_or(0),
-                    identity: m.identity,
-                    until: m.until.and_then(|u| u.parse().ok()),
-                });
+                match found.check(&active, now) {
+                    Ok(entry) => entries.push(entry),
+                    Err(why) => {
+                        skipped.insert((name.clone(), net), why);
+                    }
+                }
             }
             books.push((name, entries));
         }
+        // Each bad entry is logged when first seen (or when its fault changes), not every read.
+        for ((source, entry), why) in &skipped {
+            if self.skipped.get(&(source.clone(), entry.clone())) != Some(why) {
+                warn!(%source, %entry, %why, "ignoring an entry in Redis that this replica could not have granted");
+            }
+        }
+        self.skipped = skipped;
         // What Redis says now is the new baseline for refreshes.
         for (name, entries) in &books {
             for e in entries {
@@ -957,6 +1094,7 @@ impl Worker {
             }
         }
         self.gate.shared_sync(books);
+        self.expired_here.clear();
         Ok(())
     }
 }
@@ -964,6 +1102,103 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NOW: Millis = 1_800_000_000_000;
+
+    fn active() -> Active {
+        let policy = crate::policy::from_yaml_str(
+            "trusted_proxies: [127.0.0.1/32]\nalways_allow: [192.0.2.0/24]\nipv6_prefix: 56\n\
+             services: { immich: {} }\n\
+             sources:\n  ha: { kind: mirror, hosts: [ha.example.com], unlocks: \"*\" }\n",
+            "test",
+        )
+        .unwrap();
+        Active::new(policy)
+    }
+
+    fn check(
+        network: &str,
+        last_seen: Millis,
+        meta: Option<&str>,
+        hits: Option<&str>,
+    ) -> Result<Restore, String> {
+        let found = Found {
+            network,
+            last_seen: last_seen as f64,
+            meta,
+            hits,
+        };
+        found.check(&active(), NOW)
+    }
+
+    const META: &str =
+        r#"{"first_seen":"1700000000000","identity":"alice","until":"1900000000000"}"#;
+
+    #[test]
+    fn an_entry_as_a_grant_writes_it_is_taken_whole() {
+        let e = check("203.0.113.7/32", NOW - 5, Some(META), Some("12")).unwrap();
+        assert_eq!(e.network.to_string(), "203.0.113.7/32");
+        assert_eq!(
+            (e.first_seen, e.last_seen, e.hits),
+            (1_700_000_000_000, NOW - 5, 12)
+        );
+        assert_eq!(e.identity.as_deref(), Some("alice"));
+        assert_eq!(e.until, Some(1_900_000_000_000));
+        // Missing hits count as none; a little clock skew is fine.
+        let e = check("2001:db8:1:2::/64", NOW + 60_000, Some(META), None).unwrap();
+        assert_eq!(e.hits, 0);
+        // The policy's ipv6_prefix (/56) is what mirrored clients get: it may be read back.
+        assert!(check("2001:db8:1:200::/56", NOW, Some(META), None).is_ok());
+    }
+
+    #[test]
+    fn entries_no_grant_could_have_made_are_refused_with_why() {
+        let far = NOW + 2 * MAX_AHEAD.as_millis() as Millis;
+        for (network, last_seen, meta, hits, why) in [
+            ("1.0.0.0/8", NOW, Some(META), None, "wider"),
+            ("2001:db8::/48", NOW, Some(META), None, "wider"),
+            ("0.0.0.0/0", NOW, Some(META), None, "wider"),
+            (
+                "203.0.113.7/24",
+                NOW,
+                Some(META),
+                None,
+                "not written as a granted network",
+            ),
+            ("203.0.113.7", NOW, Some(META), None, "not a network"),
+            ("127.0.0.1/32", NOW, Some(META), None, "127.0.0.1"),
+            ("192.0.2.0/28", NOW, Some(META), None, "192.0.2.0/24"),
+            ("203.0.113.7/32", far, Some(META), None, "last seen"),
+            ("203.0.113.7/32", NOW, None, None, "meta"),
+            ("203.0.113.7/32", NOW, Some("not json"), None, "meta"),
+            (
+                "203.0.113.7/32",
+                NOW,
+                Some(r#"{"first_seen":"soon"}"#),
+                None,
+                "first seen",
+            ),
+            (
+                "203.0.113.7/32",
+                NOW,
+                Some(&format!(r#"{{"first_seen":"{far}"}}"#)),
+                None,
+                "first seen",
+            ),
+            (
+                "203.0.113.7/32",
+                NOW,
+                Some(r#"{"first_seen":"1","until":"never"}"#),
+                None,
+                "until",
+            ),
+            ("203.0.113.7/32", NOW, Some(META), Some("lots"), "hits"),
+        ] {
+            let got = check(network, last_seen, meta, hits);
+            let err = got.expect_err(network);
+            assert!(err.contains(why), "{network}: {err}");
+        }
+    }
 
     #[test]
     fn script_removals_are_read_in_threes() {

@@ -476,3 +476,164 @@ fn a_lowered_max_ips_on_reload_trims_the_shared_ledger() {
         assert_eq!(allow_status(r.daemon.addr, "immich", "198.51.100.74"), 200);
     }
 }
+
+/// Write an entry into the shared ledger behind the replicas' backs, as a broken or hostile
+/// writer could: `seen` score, `meta` text and `hits` text as given.
+fn plant(redis: &Redis, network: &str, seen: u128, meta: &str, hits: &str) {
+    redis.cli(&["ZADD", "gk-test:ha:seen", &seen.to_string(), network]);
+    redis.cli(&["HSET", "gk-test:ha:meta", network, meta]);
+    redis.cli(&["HSET", "gk-test:ha:hits", network, hits]);
+}
+
+/// Make every replica read the ledger again (as after another replica's change).
+fn announce_change(redis: &Redis) {
+    redis.cli(&["PUBLISH", "gk-test:changes", "test"]);
+}
+
+fn meta_since(first_seen: u128) -> String {
+    format!(r#"{{"first_seen":"{first_seen}"}}"#)
+}
+
+#[test]
+fn malformed_entries_in_redis_are_skipped_and_logged_once_and_the_rest_still_syncs() {
+    let redis = Redis::start();
+    let a = replica(&policy(&redis, 10, "    max_age: 1h\n"));
+    wait_health(a.admin, 200, SOON);
+    let now = now_millis();
+    plant(&redis, "203.0.113.10/32", now, &meta_since(now), "3");
+    plant(&redis, "203.0.113.11/32", now, &meta_since(now), "lots");
+    plant(&redis, "203.0.113.12/32", now, "not json", "1");
+    plant(
+        &redis,
+        "203.0.113.13/32",
+        now,
+        r#"{"first_seen":"soon"}"#,
+        "1",
+    );
+    let until_never = format!(r#"{{"first_seen":"{now}","until":"never"}}"#);
+    plant(&redis, "203.0.113.14/32", now, &until_never, "1");
+    plant(&redis, "203.0.113.15/32", now, "[1,2]", "1");
+    announce_change(&redis);
+
+    // The readable entry is taken, the others are not, and Redis still counts as up.
+    allow_becomes(a.daemon.addr, "203.0.113.10", 200, SOON);
+    for bad in 11..=15 {
+        assert_eq!(
+            allow_status(a.daemon.addr, "immich", &format!("203.0.113.{bad}")),
+            403
+        );
+    }
+    // Expiry (with max_age) and refreshes run every second on the same entries: still healthy.
+    wait_for("two expiry ticks", SOON, || {
+        let (status, body) = health(a.admin);
+        assert_eq!(status, 200, "{body}\n{}", a.daemon.log());
+        let log = a.daemon.log();
+        (log.contains("203.0.113.15/32")).then_some(()).ok_or(log)
+    });
+    std::thread::sleep(2 * SECOND);
+    let (status, body) = health(a.admin);
+    assert_eq!(status, 200, "{body}\n{}", a.daemon.log());
+
+    // More reads (a later planted entry shows they happened) log each bad entry only once.
+    plant(
+        &redis,
+        "203.0.113.16/32",
+        now_millis(),
+        &meta_since(now),
+        "1",
+    );
+    announce_change(&redis);
+    allow_becomes(a.daemon.addr, "203.0.113.16", 200, SOON);
+    let log = a.daemon.log();
+    for bad in 11..=15 {
+        let net = format!("entry=203.0.113.{bad}/32");
+        assert_eq!(
+            log.lines().filter(|l| l.contains(&net)).count(),
+            1,
+            "{net}:\n{log}"
+        );
+    }
+
+    // Clients behind broken entries that prove trust again are granted (the script repairs).
+    for bad in 11..=15 {
+        let client = format!("203.0.113.{bad}");
+        assert_eq!(mirror(a.daemon.addr, "ha.example.com", &client), 200);
+        allow_becomes(a.daemon.addr, &client, 200, SOON);
+    }
+    // A new client too.
+    grant_seen(a.daemon.addr, a.daemon.addr, "198.51.100.101");
+    assert_eq!(health(a.admin).0, 200);
+}
+
+#[test]
+fn networks_and_times_no_local_grant_could_make_are_never_taken_from_redis() {
+    let redis = Redis::start();
+    let a = replica(&format!(
+        "always_allow: [192.0.2.0/24]\n{}",
+        policy(&redis, 20, "")
+    ));
+    wait_health(a.admin, 200, SOON);
+    let now = now_millis();
+    let year = 365 * 24 * 3600 * 1000u128;
+    let bad = [
+        ("1.0.0.0/8", now, meta_since(now)),        // wider than /16
+        ("2a00::/32", now, meta_since(now)),        // wider than /64
+        ("0.0.0.0/0", now, meta_since(now)),        // everything
+        ("127.0.0.1/32", now, meta_since(now)),     // the trusted proxy
+        ("192.0.2.0/28", now, meta_since(now)),     // inside always_allow
+        ("198.51.100.77/24", now, meta_since(now)), // host bits set: not what a grant writes
+        ("203.0.113.20/32", now + 10 * year, meta_since(now)), // last seen far in the future
+        ("203.0.113.21/32", now, meta_since(now + 10 * year)), // first seen far in the future
+    ];
+    for (network, seen, meta) in &bad {
+        plant(&redis, network, *seen, meta, "1");
+    }
+    let good = [
+        "203.0.113.22/32",
+        "2a01:4f8:1:2::/64",
+        "2a01:4f8:1:3::5/128",
+    ];
+    for network in good {
+        plant(&redis, network, now, &meta_since(now), "1");
+    }
+    announce_change(&redis);
+
+    allow_becomes(a.daemon.addr, "203.0.113.22", 200, SOON);
+    let lists = a.setup.wait_lists("the planted entries", SOON, |l| {
+        l["gatekeeper-immich"]
+            .iter()
+            .any(|n| n == "2a01:4f8:1:3::5/128")
+    });
+    let mut shown = lists["gatekeeper-immich"].clone();
+    shown.retain(|n| n != "192.0.2.0/24");
+    assert_eq!(
+        shown,
+        vec![
+            "203.0.113.22/32",
+            "2a01:4f8:1:2::/64",
+            "2a01:4f8:1:3::5/128"
+        ]
+    );
+    for client in [
+        "1.2.3.4",
+        "2a00::1",
+        "8.8.8.8",
+        "198.51.100.1",
+        "203.0.113.20",
+        "203.0.113.21",
+    ] {
+        assert_eq!(
+            allow_status(a.daemon.addr, "immich", client),
+            403,
+            "{client}"
+        );
+    }
+    let log = a.daemon.log();
+    for (network, _, _) in &bad {
+        assert!(
+            log.contains(&format!("entry={network}")),
+            "{network}:\n{log}"
+        );
+    }
+    assert_eq!(health(a.admin).0, 200);
+}
