@@ -18,12 +18,22 @@
 //!   naming the directory, not silently write somewhere Traefik is not watching.
 //! - An existing target keeps its permission bits (an operator's `chmod 640` survives); a new
 //!   file gets the process default (0666 minus umask). Owner and group cannot be kept without
-//!   privileges. A symlink at the target is replaced by a regular file.
+//!   privileges. A symlink at the target is replaced by a regular file. A private file
+//!   ([`write_private_if_changed`], the state file) is made 0600 and never keeps group or world
+//!   bits: it holds client addresses and identities.
+//! - The target is opened (to compare, or to rewrite in place) with `O_NONBLOCK | O_NOFOLLOW`
+//!   and checked with `fstat` to be a regular file: opening a FIFO planted at the path would
+//!   block the writer forever. A FIFO, socket, device or directory there is refused with
+//!   [`WriteError::NotAFile`], never replaced. A symlink counts as changed content for the
+//!   compare (the rename replaces it), and the in-place rewrite refuses it: writing through it
+//!   would change whatever file it points at.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -111,9 +121,131 @@ pub enum WriteError {
         path: PathBuf,
         /// Why the atomic path was abandoned (the rename or temp-file error).
         reason: io::Error,
-        /// What the OS said to the in-place write.
+        /// What the OS said to the in-place write, or what was found instead of a regular file.
         error: io::Error,
     },
+    /// Something other than a regular file is at the path (a FIFO, socket, device, directory):
+    /// it is neither waited on nor replaced.
+    #[error(
+        "cannot write {}: it is {what}, not a regular file; remove it, or point the output elsewhere",
+        .path.display()
+    )]
+    NotAFile {
+        /// The target.
+        path: PathBuf,
+        /// What is there instead.
+        what: FileKind,
+    },
+}
+
+/// What is at a path when it is not a regular file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A symbolic link (only where it is not followed).
+    Symlink,
+    /// A FIFO (named pipe): opening it for reading or writing waits for the other end.
+    Fifo,
+    /// A Unix socket.
+    Socket,
+    /// A character device.
+    CharDevice,
+    /// A block device.
+    BlockDevice,
+    /// A directory.
+    Directory,
+    /// Anything else.
+    Other,
+}
+
+impl FileKind {
+    fn of(file_type: fs::FileType) -> Self {
+        if file_type.is_symlink() {
+            FileKind::Symlink
+        } else if file_type.is_fifo() {
+            FileKind::Fifo
+        } else if file_type.is_socket() {
+            FileKind::Socket
+        } else if file_type.is_char_device() {
+            FileKind::CharDevice
+        } else if file_type.is_block_device() {
+            FileKind::BlockDevice
+        } else if file_type.is_dir() {
+            FileKind::Directory
+        } else {
+            FileKind::Other
+        }
+    }
+}
+
+impl fmt::Display for FileKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FileKind::Symlink => "a symbolic link",
+            FileKind::Fifo => "a FIFO (named pipe)",
+            FileKind::Socket => "a socket",
+            FileKind::CharDevice => "a character device",
+            FileKind::BlockDevice => "a block device",
+            FileKind::Directory => "a directory",
+            FileKind::Other => "a special file",
+        })
+    }
+}
+
+/// What looking for a regular file at a path found.
+#[derive(Debug)]
+pub(crate) enum Found<T> {
+    /// The regular file (or what was read from it).
+    File(T),
+    /// Nothing is there.
+    Missing,
+    /// Something else is there.
+    Not(FileKind),
+}
+
+/// Opens the regular file at `path` with `options`, never blocking: `O_NONBLOCK` makes opening
+/// a FIFO return at once (or fail with ENXIO), and `fstat` then tells what was opened. With
+/// `follow` false a symlink at `path` is reported, not opened (`O_NOFOLLOW`).
+fn open_regular(path: &Path, options: &mut OpenOptions, follow: bool) -> io::Result<Found<File>> {
+    let mut flags = libc::O_NONBLOCK;
+    if !follow {
+        flags |= libc::O_NOFOLLOW;
+    }
+    match options.custom_flags(flags).open(path) {
+        Ok(file) => {
+            let file_type = file.metadata()?.file_type();
+            Ok(if file_type.is_file() {
+                // O_NONBLOCK changes nothing for a regular file's reads and writes.
+                Found::File(file)
+            } else {
+                Found::Not(FileKind::of(file_type))
+            })
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(Found::Missing),
+        // ELOOP from O_NOFOLLOW, ENXIO from a FIFO without a reader or a socket: say what is
+        // there rather than what the OS said about it.
+        Err(error) => match fs::symlink_metadata(path) {
+            Ok(meta) if !meta.is_file() && (!follow || !meta.file_type().is_symlink()) => {
+                Ok(Found::Not(FileKind::of(meta.file_type())))
+            }
+            _ => Err(error),
+        },
+    }
+}
+
+/// Reads the regular file at `path`, following a symlink but never blocking (a FIFO, socket,
+/// device or directory there is reported, not read): for files gatekeeper reads at startup.
+pub(crate) fn read_regular(path: &Path) -> io::Result<Found<Vec<u8>>> {
+    Ok(
+        match open_regular(path, OpenOptions::new().read(true), true)? {
+            Found::File(mut file) => {
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes)?;
+                Found::File(bytes)
+            }
+            Found::Missing => Found::Missing,
+            Found::Not(what) => Found::Not(what),
+        },
+    )
 }
 
 impl WriteError {
@@ -128,6 +260,7 @@ impl WriteError {
             | Self::Rename { error, .. }
             | Self::SyncDirectory { error, .. }
             | Self::InPlace { error, .. } => Some(error),
+            Self::NotAFile { .. } => None,
         }
     }
 }
@@ -150,6 +283,9 @@ static WRITE_LOCK: Mutex<()> = Mutex::new(());
 /// Targets already warned about, so the in-place warning is logged once per process per path.
 static WARNED_IN_PLACE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
 
+/// Private targets already warned about for being readable by others, likewise.
+static WARNED_OPEN_MODE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
 fn lock() -> MutexGuard<'static, ()> {
     // The guarded value is `()`: a panic in another writer leaves nothing inconsistent.
     WRITE_LOCK
@@ -170,22 +306,62 @@ enum TempPlace {
     Unwatched,
 }
 
+/// Who may read a file written here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// A new file gets the process default; an existing one keeps its bits.
+    Default,
+    /// Only the owner: a new file is 0600, an existing one loses its group and world bits.
+    Private,
+}
+
 /// Writes `bytes` to `path` unless the file already holds exactly these bytes, in which case it
 /// is not touched at all (no new inode, no mtime change, no Traefik reload).
 pub fn write_if_changed(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
-    write_if_changed_in(path, bytes, TempPlace::Beside)
+    write_if_changed_in(path, bytes, TempPlace::Beside, Access::Default)
 }
 
 /// [`write_if_changed`] for a file in a directory that Traefik (or another watcher) watches: the
 /// temp file is made in [`TEMP_DIR`], so the rename is the only change the watcher sees.
 pub fn write_if_changed_unwatched(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
-    write_if_changed_in(path, bytes, TempPlace::Unwatched)
+    write_if_changed_in(path, bytes, TempPlace::Unwatched, Access::Default)
 }
 
-fn write_if_changed_in(path: &Path, bytes: &[u8], place: TempPlace) -> Result<Written, WriteError> {
+/// [`write_if_changed`] for a file only its owner may read (the state file): created 0600, and an
+/// existing file readable or writable by others is tightened, with a warning once per path.
+pub fn write_private_if_changed(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
+    write_if_changed_in(path, bytes, TempPlace::Beside, Access::Private)
+}
+
+fn write_if_changed_in(
+    path: &Path,
+    bytes: &[u8],
+    place: TempPlace,
+    access: Access,
+) -> Result<Written, WriteError> {
     let _guard = lock();
-    match fs::read(path) {
-        Ok(current) if current == bytes => {
+    let read_error = |error| WriteError::Read {
+        path: path.to_owned(),
+        error,
+    };
+    // A symlink is not followed: the rename replaces it whatever it points at.
+    let current = match open_regular(path, OpenOptions::new().read(true), false) {
+        Ok(Found::File(mut file)) => {
+            let mut current = Vec::new();
+            file.read_to_end(&mut current).map_err(read_error)?;
+            Some(current)
+        }
+        Ok(Found::Missing | Found::Not(FileKind::Symlink)) => None,
+        Ok(Found::Not(what)) => {
+            return Err(WriteError::NotAFile {
+                path: path.to_owned(),
+                what,
+            });
+        }
+        Err(error) => return Err(read_error(error)),
+    };
+    match current {
+        Some(current) if current == bytes && !needs_tightening(path, access) => {
             // A temp file left by a kill -9 goes now, not only at the next change.
             let (dir, name) = split(path)?;
             let prefix = temp_prefix(&name);
@@ -196,16 +372,16 @@ fn write_if_changed_in(path: &Path, bytes: &[u8], place: TempPlace) -> Result<Wr
             }
             return Ok(Written::Unchanged);
         }
-        Ok(_) => {}
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-        Err(error) => {
-            return Err(WriteError::Read {
-                path: path.to_owned(),
-                error,
-            });
-        }
+        _ => {}
     }
-    write_locked(path, bytes, place)
+    write_locked(path, bytes, place, access)
+}
+
+/// Whether `path` is a private file that others may read or write: rewritten even when its
+/// content is unchanged, so an existing state file is tightened at once.
+fn needs_tightening(path: &Path, access: Access) -> bool {
+    access == Access::Private
+        && fs::metadata(path).is_ok_and(|meta| meta.permissions().mode() & 0o077 != 0)
 }
 
 /// Replaces `path` with `bytes` crash-safely: temp file in the same directory, fsync, rename,
@@ -213,10 +389,15 @@ fn write_if_changed_in(path: &Path, bytes: &[u8], place: TempPlace) -> Result<Wr
 /// single-file bind mount makes that impossible; see [`Written`].
 pub fn write(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
     let _guard = lock();
-    write_locked(path, bytes, TempPlace::Beside)
+    write_locked(path, bytes, TempPlace::Beside, Access::Default)
 }
 
-fn write_locked(path: &Path, bytes: &[u8], place: TempPlace) -> Result<Written, WriteError> {
+fn write_locked(
+    path: &Path,
+    bytes: &[u8],
+    place: TempPlace,
+    access: Access,
+) -> Result<Written, WriteError> {
     let (dir, name) = split(path)?;
     let prefix = temp_prefix(&name);
     sweep_stale_temps(&dir, &prefix)?;
@@ -235,16 +416,26 @@ fn write_locked(path: &Path, bytes: &[u8], place: TempPlace) -> Result<Written, 
     temp_name.push(std::process::id().to_string());
     let temp = temp_dir.join(temp_name);
 
-    let mut file = match OpenOptions::new().write(true).create_new(true).open(&temp) {
+    let new_mode = match access {
+        Access::Default => 0o666,
+        // Never readable by others, not even between create and chmod.
+        Access::Private => 0o600,
+    };
+    let mut file = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(new_mode)
+        .open(&temp)
+    {
         Ok(file) => file,
         // A read-only container filesystem with the target bind-mounted writable on its own
         // (`read_only: true` plus a single-file mount) never gets as far as the rename.
         Err(error) if temp_refusal_allows_in_place(&error) && path.is_file() => {
-            return in_place_fallback(path, bytes, error);
+            return in_place_fallback(path, bytes, error, access);
         }
         Err(error) => return Err(WriteError::CreateTemp { path: temp, error }),
     };
-    if let Err(error) = fill_temp(&mut file, path, bytes) {
+    if let Err(error) = fill_temp(&mut file, path, bytes, access) {
         drop(file);
         remove_quietly(&temp);
         return Err(WriteError::WriteTemp { path: temp, error });
@@ -259,7 +450,7 @@ fn write_locked(path: &Path, bytes: &[u8], place: TempPlace) -> Result<Written, 
         Err(error) => {
             remove_quietly(&temp);
             if rename_failure_allows_in_place(&error) {
-                in_place_fallback(path, bytes, error)
+                in_place_fallback(path, bytes, error, access)
             } else {
                 Err(WriteError::Rename {
                     from: temp,
@@ -345,13 +536,39 @@ fn sweep_stale_temps(dir: &Path, prefix: &std::ffi::OsStr) -> Result<(), WriteEr
     Ok(())
 }
 
-/// Gives the temp file the target's permission bits, writes it and makes it durable.
-fn fill_temp(file: &mut File, target: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Gives the temp file the target's permission bits (without group and world bits for a
+/// private file), writes it and makes it durable.
+fn fill_temp(file: &mut File, target: &Path, bytes: &[u8], access: Access) -> io::Result<()> {
     if let Ok(meta) = fs::metadata(target) {
-        file.set_permissions(meta.permissions())?;
+        let mode = kept_mode(target, meta.permissions().mode(), access);
+        file.set_permissions(fs::Permissions::from_mode(mode))?;
     }
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+/// The permission bits a rewrite of `target`, now `mode`, gets: the same, or for a private file
+/// the same without group and world bits, with a warning (once per path) when that changes them.
+fn kept_mode(target: &Path, mode: u32, access: Access) -> u32 {
+    let mode = mode & 0o7777;
+    if access == Access::Default || mode & 0o077 == 0 {
+        return mode;
+    }
+    let private = mode & !0o077;
+    let first = WARNED_OPEN_MODE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .insert(target.to_owned());
+    if first {
+        tracing::warn!(
+            path = %target.display(),
+            was = %format!("{mode:04o}"),
+            now = %format!("{private:04o}"),
+            "the file was readable by others; it holds client addresses and identities, so it is \
+             now written for its owner only"
+        );
+    }
+    private
 }
 
 /// Makes the rename itself durable: without this a crash can bring back the old file.
@@ -385,7 +602,12 @@ fn temp_refusal_allows_in_place(error: &io::Error) -> bool {
     )
 }
 
-fn in_place_fallback(path: &Path, bytes: &[u8], reason: io::Error) -> Result<Written, WriteError> {
+fn in_place_fallback(
+    path: &Path,
+    bytes: &[u8],
+    reason: io::Error,
+    access: Access,
+) -> Result<Written, WriteError> {
     if first_in_place_for(path) {
         tracing::warn!(
             path = %path.display(),
@@ -395,7 +617,7 @@ fn in_place_fallback(path: &Path, bytes: &[u8], reason: io::Error) -> Result<Wri
              file"
         );
     }
-    match rewrite_in_place(path, bytes) {
+    match rewrite_in_place(path, bytes, access) {
         Ok(()) => Ok(Written::InPlace),
         Err(error) => Err(WriteError::InPlace {
             path: path.to_owned(),
@@ -415,9 +637,33 @@ fn first_in_place_for(path: &Path) -> bool {
 
 /// Truncates the existing file and writes `bytes` into the same inode, which is all a bind
 /// mount allows. It must already exist: a bind-mounted file always does, and creating it here
-/// would hide a wrong path.
-fn rewrite_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new().write(true).truncate(true).open(path)?;
+/// would hide a wrong path. It must be a regular file, and a symlink there is not followed: the
+/// file it points at is not gatekeeper's to write.
+fn rewrite_in_place(path: &Path, bytes: &[u8], access: Access) -> io::Result<()> {
+    let mut file = match open_regular(path, OpenOptions::new().write(true), false)? {
+        Found::File(file) => file,
+        Found::Missing => return Err(io::Error::from(io::ErrorKind::NotFound)),
+        Found::Not(FileKind::Symlink) => {
+            return Err(io::Error::other(
+                "it is a symbolic link, which gatekeeper does not follow",
+            ));
+        }
+        Found::Not(what) => {
+            return Err(io::Error::other(format!(
+                "it is {what}, not a regular file"
+            )));
+        }
+    };
+    let mode = file.metadata()?.permissions().mode();
+    let kept = kept_mode(path, mode, access);
+    if kept != mode & 0o7777 {
+        // Best effort: a bind-mounted file may belong to someone else.
+        if let Err(error) = file.set_permissions(fs::Permissions::from_mode(kept)) {
+            tracing::warn!(path = %path.display(), %error, "cannot make the file private");
+        }
+    }
+    // Truncated only once it is known to be a regular file (O_TRUNC would act at open).
+    file.set_len(0)?;
     file.write_all(bytes)?;
     file.sync_all()
 }
@@ -714,7 +960,7 @@ mod tests {
         fs::write(&target, b"a much longer old content\n").unwrap();
         let before = fs::metadata(&target).unwrap();
 
-        rewrite_in_place(&target, b"short\n").unwrap();
+        rewrite_in_place(&target, b"short\n", Access::Default).unwrap();
 
         assert_eq!(fs::read(&target).unwrap(), b"short\n");
         #[cfg(unix)]
@@ -742,6 +988,7 @@ mod tests {
             &target,
             b"new",
             io::Error::from(io::ErrorKind::ResourceBusy),
+            Access::Default,
         );
 
         assert_eq!(written.unwrap(), Written::InPlace);
@@ -753,7 +1000,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("absent.yml");
 
-        let error = in_place_fallback(&target, b"x", io::Error::from_raw_os_error(16)).unwrap_err();
+        let error = in_place_fallback(
+            &target,
+            b"x",
+            io::Error::from_raw_os_error(16),
+            Access::Default,
+        )
+        .unwrap_err();
 
         assert!(matches!(error, WriteError::InPlace { .. }), "{error:?}");
         let message = error.to_string();
@@ -811,5 +1064,251 @@ mod tests {
                 .starts_with("cannot create temp file /x/.y.gatekeeper-tmp-1: permission denied"),
             "{message}"
         );
+    }
+
+    fn mkfifo(path: &Path) {
+        let status = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .expect("run mkfifo");
+        assert!(status.success());
+    }
+
+    /// Runs `f` on a thread and waits for it; a FIFO open that blocks is failed with a message and
+    /// unblocked (by opening the other end) so the write lock is released for the other tests.
+    fn without_blocking_on<T: Send + 'static>(
+        fifo: &Path,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+            Ok(value) => value,
+            Err(_) => {
+                let _ = OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(fifo);
+                let _ = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(fifo);
+                panic!("the write blocked on the FIFO at {}", fifo.display());
+            }
+        }
+    }
+
+    #[test]
+    fn a_fifo_at_the_target_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("gatekeeper.yml");
+        mkfifo(&target);
+        let path = target.clone();
+        let error = without_blocking_on(&target, move || {
+            write_if_changed_unwatched(&path, b"x").unwrap_err()
+        });
+        match &error {
+            WriteError::NotAFile { path, what } => {
+                assert_eq!(path, &target);
+                assert_eq!(*what, FileKind::Fifo);
+            }
+            other => panic!("expected NotAFile, got {other:?}"),
+        }
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "cannot write {}: it is a FIFO (named pipe), not a regular file; remove it, or \
+                 point the output elsewhere",
+                target.display()
+            )
+        );
+        assert!(error.io_error().is_none());
+        // Left as it was, and no temp file behind.
+        assert!(fs::symlink_metadata(&target).unwrap().file_type().is_fifo());
+        assert_eq!(names_in(dir.path()), ["gatekeeper.yml"]);
+    }
+
+    #[test]
+    fn the_in_place_rewrite_refuses_a_fifo_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("dynamic-whitelist.yml");
+        mkfifo(&target);
+        let path = target.clone();
+        let error = without_blocking_on(&target, move || {
+            in_place_fallback(
+                &path,
+                b"x",
+                io::Error::from_raw_os_error(16),
+                Access::Default,
+            )
+            .unwrap_err()
+        });
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("cannot rewrite {} in place", target.display()))
+                && message.ends_with("it is a FIFO (named pipe), not a regular file"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn other_special_files_are_refused_naming_what_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("taken");
+        fs::create_dir(&target).unwrap();
+        let error = write_if_changed(&target, b"x").unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("it is a directory, not a regular file"),
+            "{error}"
+        );
+        let socket = dir.path().join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let error = write_if_changed(&socket, b"x").unwrap_err();
+        assert!(
+            matches!(
+                error,
+                WriteError::NotAFile {
+                    what: FileKind::Socket,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        let error = write_if_changed(Path::new("/dev/null"), b"x").unwrap_err();
+        assert!(error.to_string().contains("a character device"), "{error}");
+    }
+
+    #[test]
+    fn the_in_place_rewrite_does_not_follow_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim.conf");
+        fs::write(&victim, b"precious\n").unwrap();
+        let target = dir.path().join("dynamic-whitelist.yml");
+        std::os::unix::fs::symlink(&victim, &target).unwrap();
+
+        let error = in_place_fallback(
+            &target,
+            b"x",
+            io::Error::from_raw_os_error(16),
+            Access::Default,
+        )
+        .unwrap_err();
+
+        assert_eq!(fs::read(&victim).unwrap(), b"precious\n");
+        assert!(
+            fs::symlink_metadata(&target)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let message = error.to_string();
+        assert!(
+            message.starts_with(&format!("cannot rewrite {} in place", target.display()))
+                && message.ends_with("it is a symbolic link, which gatekeeper does not follow"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_symlink_at_the_target_is_replaced_by_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere.yml");
+        fs::write(&elsewhere, b"same").unwrap();
+        let target = dir.path().join("gatekeeper.yml");
+        std::os::unix::fs::symlink(&elsewhere, &target).unwrap();
+
+        // Even with the content it points at: the link is not read through.
+        assert_eq!(
+            write_if_changed(&target, b"same").unwrap(),
+            Written::Renamed
+        );
+
+        assert!(fs::symlink_metadata(&target).unwrap().is_file());
+        assert_eq!(fs::read(&target).unwrap(), b"same");
+        assert_eq!(fs::read(&elsewhere).unwrap(), b"same");
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_private_file_is_created_for_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("state.json");
+        let shared = dir.path().join("gatekeeper.yml");
+        assert_eq!(
+            write_private_if_changed(&private, b"{}").unwrap(),
+            Written::Renamed
+        );
+        write_if_changed(&shared, b"x").unwrap();
+        assert_eq!(mode_of(&private), 0o600);
+        // The process default (0666 minus the umask, which owner-writable at least keeps).
+        assert_eq!(mode_of(&shared) & 0o600, 0o600);
+    }
+
+    #[test]
+    fn an_existing_private_file_loses_group_and_world_bits() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("state.json");
+        fs::write(&target, b"{}").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+
+        // Unchanged content is rewritten too: the tightening must not wait for the next grant.
+        assert_eq!(
+            write_private_if_changed(&target, b"{}").unwrap(),
+            Written::Renamed
+        );
+        assert_eq!(mode_of(&target), 0o600);
+        assert_eq!(
+            write_private_if_changed(&target, b"{}").unwrap(),
+            Written::Unchanged
+        );
+        // An owner-only choice is kept.
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o400)).unwrap();
+        write_private_if_changed(&target, b"{\"a\":1}").unwrap();
+        assert_eq!(mode_of(&target), 0o400);
+
+        assert_eq!(kept_mode(&target, 0o100640, Access::Private), 0o600);
+        assert_eq!(kept_mode(&target, 0o100640, Access::Default), 0o640);
+    }
+
+    #[test]
+    fn the_in_place_rewrite_of_a_private_file_tightens_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("state.json");
+        fs::write(&target, b"old").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o666)).unwrap();
+        rewrite_in_place(&target, b"new", Access::Private).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"new");
+        assert_eq!(mode_of(&target), 0o600);
+    }
+
+    #[test]
+    fn read_regular_follows_links_and_reports_special_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("state.json");
+        fs::write(&file, b"{}").unwrap();
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let fifo = dir.path().join("fifo.json");
+        mkfifo(&fifo);
+
+        assert!(matches!(read_regular(&link).unwrap(), Found::File(b) if b == b"{}"));
+        assert!(matches!(
+            read_regular(&dir.path().join("absent")).unwrap(),
+            Found::Missing
+        ));
+        let path = fifo.clone();
+        let found = without_blocking_on(&fifo, move || read_regular(&path).unwrap());
+        assert!(matches!(found, Found::Not(FileKind::Fifo)), "{found:?}");
+        assert!(matches!(
+            read_regular(dir.path()).unwrap(),
+            Found::Not(FileKind::Directory)
+        ));
     }
 }

@@ -1,6 +1,7 @@
 //! The state file: the ledger as versioned JSON, so grants survive restarts and kill -9. Written
-//! through [`atomic_file`](crate::atomic_file); a file that cannot be read is never silently
-//! replaced.
+//! through [`atomic_file`](crate::atomic_file) for its owner only (0600: it holds client
+//! addresses and identities); a file that cannot be read is never silently replaced, and
+//! something other than a regular file at its path (a FIFO) is refused, never waited on.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::atomic_file::{self, WriteError, Written};
+use crate::atomic_file::{self, FileKind, Found, WriteError, Written};
 use crate::ledger::{Ledger, Millis, Restore};
 
 /// The format this build writes and reads; a newer one is refused rather than misread.
@@ -84,6 +85,17 @@ pub enum StoreError {
         /// The I/O error.
         source: io::Error,
     },
+    /// Something other than a regular file is at the path.
+    #[error(
+        "state file {} is {what}, not a regular file; remove it, or point state_file elsewhere",
+        path.display()
+    )]
+    NotAFile {
+        /// The state file.
+        path: PathBuf,
+        /// What is there instead.
+        what: FileKind,
+    },
     /// A directory the outputs need could not be created.
     #[error("cannot create directory {}: {source}", dir.display())]
     CreateDir {
@@ -124,9 +136,15 @@ pub enum StoreError {
 /// Read the state file. A missing file is a first start (no entries); anything else that is not
 /// valid state is an error that names the file and what to do.
 pub fn load(path: &Path) -> Result<Vec<StoredEntry>, StoreError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+    let bytes = match atomic_file::read_regular(path) {
+        Ok(Found::File(b)) => b,
+        Ok(Found::Missing) => return Ok(Vec::new()),
+        Ok(Found::Not(what)) => {
+            return Err(StoreError::NotAFile {
+                path: path.to_path_buf(),
+                what,
+            });
+        }
         Err(source) => {
             return Err(StoreError::Read {
                 path: path.to_path_buf(),
@@ -182,9 +200,10 @@ pub fn encode(ledger: &Ledger) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// Write the state file atomically (temp file, fsync, rename), skipping identical content.
+/// Write the state file atomically (temp file, fsync, rename), skipping identical content; it is
+/// created 0600, and an existing one readable by others is tightened (with a warning).
 pub fn save(path: &Path, bytes: &[u8]) -> Result<Written, StoreError> {
-    Ok(atomic_file::write_if_changed(path, bytes)?)
+    Ok(atomic_file::write_private_if_changed(path, bytes)?)
 }
 
 #[cfg(test)]
@@ -264,6 +283,43 @@ mod tests {
             // Never touched: the operator decides what to do with it.
             assert_eq!(std::fs::read_to_string(&path).unwrap(), content);
         }
+    }
+
+    #[test]
+    fn the_state_file_is_for_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        save(&path, &encode(&ledger())).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_naming_it_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let fifo = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(load(&fifo).map(|_| ()).unwrap_err().to_string());
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("load blocked on a FIFO at the state path");
+        assert_eq!(
+            err,
+            format!(
+                "state file {} is a FIFO (named pipe), not a regular file; remove it, or point \
+                 state_file elsewhere",
+                path.display()
+            )
+        );
     }
 
     #[test]
