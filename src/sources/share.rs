@@ -167,18 +167,26 @@ fn percent_encode_into(out: &mut String, s: &str) {
     }
 }
 
-/// The network a client is throttled by: its /32, or its IPv6 prefix (an attacker rotating
-/// addresses inside one /64 is one client).
+/// The network a client is throttled by: the network it would be granted (its /32, its IPv6
+/// prefix: an attacker rotating addresses inside one /64 is one client; an address inside a
+/// NAT64 or Teredo prefix as itself, since that /64 is other people).
 pub fn throttle_key(client: IpAddr, ipv6_prefix: u8) -> IpNet {
-    let prefix = if client.is_ipv4() { 32 } else { ipv6_prefix };
-    IpNet::new(client, prefix).map_or(IpNet::from(client), |n| n.trunc())
+    crate::client_ip::client_network(client, ipv6_prefix)
 }
 
 /// The network a flooding client's neighbours are tracked by together once
 /// [`MAX_CLIENTS_PER_GROUP`] of them are tracked one by one: an IPv4 /24 or an IPv6 /48, one
-/// site or one hosting customer. Wider keys (an `ipv6_prefix` of /48 or less) are their own group.
+/// site or one hosting customer; a translated client (NAT64, Teredo: its last 32 bits are an
+/// IPv4 address) by the /120 that stands for an IPv4 /24. Wider keys (an `ipv6_prefix` of /48
+/// or less) are their own group.
 pub fn throttle_group(key: IpNet) -> IpNet {
-    let prefix = if key.addr().is_ipv4() { 24 } else { 48 };
+    let translated = key.prefix_len() == 128
+        && crate::client_ip::client_network(key.addr(), 64).prefix_len() == 128;
+    let prefix = match key {
+        IpNet::V4(_) => 24,
+        IpNet::V6(_) if translated => 120,
+        IpNet::V6(_) => 48,
+    };
     if key.prefix_len() <= prefix {
         key
     } else {
@@ -1207,6 +1215,21 @@ mod tests {
             throttle_key("203.0.113.9".parse().unwrap(), 64).prefix_len(),
             32
         );
+    }
+
+    #[test]
+    fn translated_clients_are_throttled_by_their_address_and_grouped_by_their_ipv4_24() {
+        // 64:ff9b::/96 (NAT64) holds every IPv4 client of the translator: one ban must not
+        // cover them all, and their flood groups like the IPv4 /24s they stand for.
+        let a = throttle_key("64:ff9b::c633:6407".parse().unwrap(), 64);
+        let b = throttle_key("64:ff9b::c633:6408".parse().unwrap(), 64);
+        assert_eq!(a, net("64:ff9b::c633:6407/128"));
+        assert_ne!(a, b);
+        assert_eq!(throttle_group(a), net("64:ff9b::c633:6400/120"));
+        assert_eq!(throttle_group(a), throttle_group(b));
+        let teredo = throttle_key("2001:0:4136:e378:8000:63bf:3fff:fdd2".parse().unwrap(), 64);
+        assert_eq!(teredo.prefix_len(), 128);
+        assert_eq!(throttle_group(teredo).prefix_len(), 120);
     }
 
     #[test]
