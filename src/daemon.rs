@@ -240,6 +240,9 @@ async fn watch_policy(gate: Gate, source: PolicySource, stop: impl Future<Output
         };
         match policy::load(&source.location, &source.env) {
             Ok(policy) => {
+                for w in &policy.warnings {
+                    warn!(key = %w.key, from = w.from.as_deref(), "{}", w.message);
+                }
                 let removed = gate.reload(policy);
                 info!(why, removed = removed.len(), "policy reloaded");
             }

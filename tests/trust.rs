@@ -64,6 +64,30 @@ fn check_warns_about_always_allow_overlapping_trusted_proxies_naming_both_keys()
 }
 
 #[test]
+fn a_reload_into_an_overlapping_policy_is_warned_about() {
+    let setup = Setup::new(&base("trusted_proxies: [127.0.0.1/32]\n"));
+    let daemon = setup.start();
+    std::fs::write(
+        &setup.policy,
+        format!(
+            "{PREAMBLE}{}",
+            base("trusted_proxies: [127.0.0.1/32]\nalways_allow: [127.0.0.0/24]\n")
+        ),
+    )
+    .unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &daemon.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let line = daemon.wait_log("overlaps trusted_proxies[0]");
+    assert!(
+        line.contains("WARN") && line.contains("always_allow[0]"),
+        "{line}"
+    );
+}
+
+#[test]
 fn shipped_policies_check_without_warnings() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     for policy in [
