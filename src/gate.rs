@@ -205,14 +205,21 @@ impl Gate {
                 ));
                 continue;
             }
-            // The policy may have grown its trusted or always-allowed ranges since.
-            if let Err(why) = active.client_ip.grantable_network(net) {
-                restored
-                    .dropped
-                    .push(format!("{net} of source `{}`: {why}", e.source));
-                continue;
-            }
-            ledger.restore(&e.source, e.to_restore());
+            // The policy may have grown its trusted or always-allowed ranges since. An older
+            // version may have stored an IPv4 range in its mapped form (`::ffff:a.b.c.d/n`):
+            // it is restored as the IPv4 range it is.
+            let network = match active.client_ip.grantable_network(net) {
+                Ok(network) => network,
+                Err(why) => {
+                    restored
+                        .dropped
+                        .push(format!("{net} of source `{}`: {why}", e.source));
+                    continue;
+                }
+            };
+            let mut entry = e.to_restore();
+            entry.network = network;
+            ledger.restore(&e.source, entry);
         }
         let removed = ledger
             .expire(clock())

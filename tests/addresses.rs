@@ -248,3 +248,27 @@ fn the_api_answers_and_revokes_a_mapped_range_in_its_ipv4_form() {
     assert_eq!(reply.status, 200, "{reply:?}");
     assert_eq!(reply.json()["removed"][0]["network"], "203.0.113.0/24");
 }
+
+#[test]
+fn a_mapped_range_in_an_older_state_file_is_restored_as_ipv4() {
+    let setup = Setup::new(POLICY);
+    {
+        let (mut daemon, admin) = start(&setup);
+        assert_eq!(grant(admin, "203.0.113.0/24").status, 201);
+        daemon.terminate();
+    }
+    // As an older version could have stored it.
+    let state = std::fs::read_to_string(&setup.state).unwrap();
+    assert!(state.contains("\"203.0.113.0/24\""), "{state}");
+    std::fs::write(
+        &setup.state,
+        state.replace("\"203.0.113.0/24\"", "\"::ffff:203.0.113.0/120\""),
+    )
+    .unwrap();
+    let (_daemon, _) = start(&setup);
+    let lists = setup.wait_lists("the restored grant", SOON, |l| !immich(l).is_empty());
+    assert_eq!(
+        immich(&lists),
+        BTreeSet::from(["198.51.100.0/24", "203.0.113.0/24"])
+    );
+}
