@@ -40,10 +40,19 @@ pub struct Throttle {
     pending: bool,
 }
 
+/// How long the messages of one burst of notifications may take to reach Traefik's throttle
+/// after the first: Traefik's provider reads the whole configuration for each notification (the
+/// Redis KV provider lists every key twice), so the last message of a burst of keyspace events
+/// comes tens of milliseconds after the first, more on a busy host. A throttle that wakes in
+/// between passes the first on and takes the last as a new change, which keeps it busy for
+/// another period; the model assumes the worst within this window.
+pub const BURST_SPREAD: Duration = Duration::from_millis(250);
+
 impl Throttle {
-    /// A burst of `count` notifications at `at`, in order; the written content is complete in
-    /// every message from index `complete_from` on (0 for an atomic write). Returns when Traefik
-    /// passes on the first complete message, that is, starts applying the change.
+    /// A burst of `count` notifications starting at `at`: the first at `at`, the others up to
+    /// [`BURST_SPREAD`] later. The written content is complete in every message from index
+    /// `complete_from` on (0 for an atomic write). Returns when Traefik passes on the first
+    /// complete message, that is, starts applying the change.
     pub fn notify(
         &mut self,
         at: Instant,
@@ -53,6 +62,12 @@ impl Throttle {
     ) -> Instant {
         let mut applied = None;
         for i in 0..count.max(1) {
+            // Without a throttle there is nothing for a late message to straddle.
+            let at = if i == 0 || period.is_zero() {
+                at
+            } else {
+                at + BURST_SPREAD.min(period)
+            };
             self.advance(at, period);
             let sent = match self.free_at {
                 Some(free) if self.pending || free > at => {
@@ -307,6 +322,26 @@ mod tests {
         let mut th = Throttle::default();
         assert_eq!(th.notify(t0, 3, 0, T), t0);
         assert_eq!(th.notify(t0 + ms(2500), 1, 0, T), t0 + 2 * T);
+    }
+
+    #[test]
+    fn a_burst_that_straddles_the_end_of_a_sleep_starts_another_one() {
+        // Seen with Traefik 3.7's Redis provider: a change pending when the throttle wakes is
+        // passed on, and the rest of the next write's keyspace events, read after the wake, are
+        // a new change that keeps the provider busy for one more period.
+        let t0 = Instant::now();
+        let mut th = Throttle::default();
+        // Busy until t0 + T (a lone change at t0).
+        assert_eq!(th.notify(t0, 1, 0, T), t0);
+        // Three keys written 20 ms before the throttle wakes: applied when it wakes...
+        assert_eq!(th.notify(t0 + T - ms(20), 3, 0, T), t0 + T);
+        // ...and the last notifications, read after the wake, keep it busy until t0 + 3T.
+        assert_eq!(th.notify(t0 + ms(4700), 1, 0, T), t0 + 3 * T);
+        // A burst well inside a sleep coalesces whole: no extra period.
+        let mut th = Throttle::default();
+        th.notify(t0, 1, 0, T);
+        assert_eq!(th.notify(t0 + ms(500), 3, 0, T), t0 + T);
+        assert_eq!(th.notify(t0 + ms(4100), 1, 0, T), t0 + ms(4100));
     }
 
     #[test]
