@@ -215,7 +215,7 @@ pub fn parse_redis_url(url: &str) -> Result<String, String> {
 /// Default `traefik.throttle`: Traefik's own default `providersThrottleDuration`.
 pub const DEFAULT_TRAEFIK_THROTTLE: Duration = Duration::from_secs(2);
 /// Default `traefik.settle`.
-pub const DEFAULT_TRAEFIK_SETTLE: Duration = Duration::from_millis(150);
+pub const DEFAULT_TRAEFIK_SETTLE: Duration = Duration::from_millis(250);
 
 impl Traefik {
     /// The middleware name Traefik routers reference for `service` (without `@provider`).
