@@ -13,8 +13,10 @@ use common::*;
 use serde_json::Value;
 
 /// Global and per-service `always_allow`; `ha` unlocks immich and nextcloud, `short` (1 s idle
-/// TTL) unlocks jellyfin.
+/// TTL) unlocks jellyfin. Loopback (the tests) and 10.0.0.0/8 (a second proxy hop in
+/// X-Forwarded-For) are trusted.
 const DECISIONS: &str = "\
+trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]
 always_allow: [198.51.100.0/24]
 services:
   immich: {}
@@ -163,7 +165,11 @@ fn decision_follows_a_grant_at_once_and_its_expiry_without_any_file() {
 
 #[test]
 fn untrusted_peer_gets_403_even_for_an_allowed_client() {
-    let setup = Setup::new(&format!("trusted_proxies: [10.99.0.0/16]\n{DECISIONS}"));
+    // Only a proxy that is not the test's loopback address is trusted.
+    let setup = Setup::new(&DECISIONS.replace(
+        "trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]",
+        "trusted_proxies: [10.99.0.0/16]",
+    ));
     // A grant restored from the state file, so the client is on the list without any request.
     std::fs::create_dir_all(setup.state.parent().unwrap()).unwrap();
     let now = now_millis();

@@ -206,8 +206,10 @@ fn case(name: &'static str, xff: &[&[u8]], grants: Option<&'static str>) -> Case
 
 #[test]
 fn spoofed_and_junk_forwarding_headers_grant_nothing_but_the_real_client() {
+    // Loopback and the private ranges are proxies here: the walk must step over each of them.
     let setup = Setup::new(
-        "always_allow: [198.51.100.0/28]\n\
+        "trusted_proxies: [127.0.0.0/8, 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, '::1/128', 'fc00::/7']\n\
+         always_allow: [198.51.100.0/28]\n\
          services: { immich: {}, jellyfin: {} }\n\
          sources:\n  ha: { kind: mirror, hosts: [ha.example.com], unlocks: \"*\", max_ips: 100, idle_ttl: 1h }\n",
     );
@@ -487,8 +489,9 @@ fn a_body_sent_after_the_answer_keeps_the_connection_open_up_to_a_bound() {
 
 #[test]
 fn a_trusted_proxy_as_the_client_is_warned_about_once_per_address() {
+    // 10.0.0.0/8 holds a second proxy (a Docker network, say) besides the loopback tests.
     let setup = Setup::new(
-        "services:\n  immich: {}\nsources:\n  ha:\n    kind: mirror\n    hosts: [ha.example.com]\n    unlocks: \"*\"\n",
+        "trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]\nservices:\n  immich: {}\nsources:\n  ha:\n    kind: mirror\n    hosts: [ha.example.com]\n    unlocks: \"*\"\n",
     );
     let daemon = setup.start();
     for _ in 0..3 {
