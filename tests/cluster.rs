@@ -185,12 +185,18 @@ fn max_ips_holds_cluster_wide_under_concurrent_grants() {
     let grants: Vec<(String, Instant, Instant)> = at_once(50, move |i| {
         let client = format!("198.51.100.{}", i + 1);
         let sent = Instant::now();
-        let (status, reply) = admin_request(
+        // From eight loopback addresses: the admin listener gives each peer 16 connections.
+        let from = std::net::IpAddr::from([127, 0, 0, 2 + (i % 8) as u8]);
+        let bearer = format!("Bearer {TOKEN}");
+        let r = http_from(
+            from,
             admins[i % 2],
             "POST",
             "/api/v1/entries",
+            &[("Authorization", &bearer)],
             &format!(r#"{{"source":"ha","address":"{client}"}}"#),
         );
+        let (status, reply) = (r.status, r.body);
         // 201, or 409 when newer grants already evicted it again before the answer: either
         // way Redis took it.
         assert!(
