@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::upstream::{Request, allow_status};
 use common::*;
-use socket2::{Domain, Socket, Type};
 
 const POLICY: &str = "trusted_proxies: [127.0.0.1/32]\n\
                       services:\n  immich: {}\n\
@@ -27,16 +26,8 @@ const ADMIN_SHARE: usize = 16;
 
 /// A connection to `addr` from the loopback address `from`.
 fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    socket
-        .bind(&SocketAddr::new(IpAddr::V4(from), 0).into())
-        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
-    socket
-        .connect_timeout(&addr.into(), SOON)
-        .unwrap_or_else(|e| panic!("connect from {from} to {addr}: {e}"));
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(SOON)).unwrap();
-    stream
+    common::connect_from(IpAddr::V4(from), addr)
+        .unwrap_or_else(|e| panic!("connect from {from} to {addr}: {e}"))
 }
 
 /// Read until the server closes; returns what it sent and how long it took to close.

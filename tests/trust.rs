@@ -4,10 +4,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use common::*;
-use socket2::{Domain, Socket, Type};
 
 const SOURCES: &str = "services: { immich: {} }\n\
     sources:\n  ha: { kind: mirror, hosts: [ha.example.com], unlocks: '*', max_ips: 5, idle_ttl: 1h }\n";
@@ -19,13 +18,8 @@ fn base(extra: &str) -> String {
 
 /// A mirrored request for ha.example.com sent from the loopback address `from`.
 fn mirror_from(from: Ipv4Addr, addr: SocketAddr, client: &str) -> u16 {
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    socket
-        .bind(&SocketAddr::new(IpAddr::V4(from), 0).into())
-        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
-    socket.connect_timeout(&addr.into(), SOON).expect("connect");
-    let mut stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(SOON)).unwrap();
+    let mut stream = connect_from(IpAddr::V4(from), addr)
+        .unwrap_or_else(|e| panic!("connect from {from} to {addr}: {e}"));
     write!(
         stream,
         "GET / HTTP/1.1\r\nHost: ha.example.com\r\nX-Forwarded-For: {client}\r\nConnection: close\r\n\r\n"

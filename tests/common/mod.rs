@@ -460,15 +460,20 @@ pub fn http_from(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Reply {
+    let stream = connect_from(from, addr).unwrap_or_else(|e| panic!("from {from}: {e}"));
+    http_on(stream, addr, method, target, headers, body)
+}
+
+/// A connection to `addr` from the local address `from` (a loopback address other than
+/// 127.0.0.1 is another peer to the server), with [`SOON`] as its connect and read timeouts.
+pub fn connect_from(from: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).expect("socket");
-    socket
-        .bind(&SocketAddr::new(from, 0).into())
-        .unwrap_or_else(|e| panic!("bind {from}: {e}"));
-    socket
-        .connect_timeout(&addr.into(), SOON)
-        .unwrap_or_else(|e| panic!("connect from {from} to {addr}: {e}"));
-    http_on(socket.into(), addr, method, target, headers, body)
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.bind(&SocketAddr::new(from, 0).into())?;
+    socket.connect_timeout(&addr.into(), SOON)?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(SOON))?;
+    Ok(stream)
 }
 
 fn http_on(

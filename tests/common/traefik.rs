@@ -504,15 +504,10 @@ fn shorten(line: &str, max: usize) -> String {
 /// Connect from `client` (bound before connecting) to `addr`, send `request`, read the whole
 /// answer (the request said `Connection: close`).
 pub fn send_from(client: &str, addr: SocketAddr, request: &[u8]) -> std::io::Result<Reply> {
-    use socket2::{Domain, Socket, Type};
     let ip: IpAddr = client
         .parse()
         .unwrap_or_else(|e| panic!("client {client:?}: {e}"));
-    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-    socket.bind(&SocketAddr::new(ip, 0).into())?;
-    socket.connect_timeout(&addr.into(), SOON)?;
-    let mut stream: std::net::TcpStream = socket.into();
-    stream.set_read_timeout(Some(SOON))?;
+    let mut stream = super::connect_from(ip, addr)?;
     stream.write_all(request)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
