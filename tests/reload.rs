@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 fn policy(max_ips: u32, extra: &str) -> String {
@@ -17,15 +15,6 @@ fn policy(max_ips: u32, extra: &str) -> String {
 
 fn write_policy(setup: &Setup, body: &str) {
     std::fs::write(&setup.policy, format!("{PREAMBLE}{body}")).unwrap();
-}
-
-fn hangup(daemon: &Daemon) {
-    let ok = Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -HUP failed");
 }
 
 fn immich(lists: &Lists) -> Vec<String> {
@@ -45,7 +34,7 @@ fn sighup_with_a_lowered_max_ips_evicts_the_least_recently_seen() {
     setup.wait_lists("three grants", SOON, |l| immich(l).len() == 3);
 
     write_policy(&setup, &policy(1, ""));
-    hangup(&daemon);
+    daemon.hangup();
     let lists = setup.wait_lists("max_ips 1 applied", SOON, |l| immich(l).len() == 1);
     assert_eq!(immich(&lists), vec!["198.51.100.1/32"]);
     assert_eq!(lists["gatekeeper-nextcloud"], vec!["198.51.100.1/32"]);
@@ -80,7 +69,7 @@ fn an_invalid_policy_is_refused_and_the_running_one_kept() {
 
     // Two problems at once; both must be reported, and nothing applied.
     write_policy(&setup, &policy(0, "    colour: blue\n"));
-    hangup(&daemon);
+    daemon.hangup();
     // The refusal is one multi-line entry: wait for its problem lines, not only its first line.
     let log = wait_for("the refusal with both problems in the log", SOON, || {
         let log = daemon.log();

@@ -29,15 +29,6 @@ fn shared_policy(url: &str, sources: &str) -> String {
     )
 }
 
-fn hangup(daemon: &Daemon) {
-    let ok = Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill -HUP failed");
-}
-
 fn count(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
 }
@@ -70,7 +61,7 @@ fn a_reload_that_removes_a_source_while_its_grant_is_in_redis_leaves_grants_work
         format!("{PREAMBLE}{}", shared_policy(&redis.url(), HA)),
     )
     .unwrap();
-    hangup(&daemon);
+    daemon.hangup();
     daemon.wait_log("policy reloaded");
     redis.cli(&["CLIENT", "UNPAUSE"]);
 

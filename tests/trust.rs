@@ -69,11 +69,7 @@ fn a_reload_into_an_overlapping_policy_is_warned_about() {
         ),
     )
     .unwrap();
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &daemon.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    daemon.hangup();
     let line = daemon.wait_log("overlaps trusted_proxies[0]");
     assert!(
         line.contains("WARN") && line.contains("always_allow[0]"),

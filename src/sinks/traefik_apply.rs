@@ -118,6 +118,16 @@ struct ProviderState {
     writes: VecDeque<(u64, Instant)>,
 }
 
+impl ProviderState {
+    /// Remember when Traefik starts applying change `generation`, keeping the last [`KEEP`].
+    fn record(&mut self, generation: u64, applied: Instant) {
+        self.writes.push_back((generation, applied));
+        if self.writes.len() > KEEP {
+            self.writes.pop_front();
+        }
+    }
+}
+
 impl Default for Provider {
     fn default() -> Self {
         Provider {
@@ -144,31 +154,22 @@ impl Provider {
     ) {
         let mut state = self.state();
         let applied = state.throttle.notify(at, count, complete_from, period);
-        state.writes.push_back((generation, applied));
-        while state.writes.len() > KEEP {
-            state.writes.pop_front();
-        }
+        state.record(generation, applied);
         drop(state);
         self.cover(generation);
     }
 
     /// Several bursts that together carry change `generation` (a KV sync writes one middleware
-    /// per script); `bursts` are (time, notifications), all complete.
+    /// per script); `bursts` are (time, notifications), all complete. The change is applied with
+    /// the last burst.
     pub fn wrote_bursts(&self, generation: u64, bursts: &[(Instant, usize)], period: Duration) {
-        if bursts.is_empty() {
-            self.unchanged(generation);
-            return;
-        }
         let mut state = self.state();
         let mut applied = None;
         for &(at, count) in bursts {
             applied = Some(state.throttle.notify(at, count, 0, period));
         }
         if let Some(applied) = applied {
-            state.writes.push_back((generation, applied));
-        }
-        while state.writes.len() > KEEP {
-            state.writes.pop_front();
+            state.record(generation, applied);
         }
         drop(state);
         self.cover(generation);

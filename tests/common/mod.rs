@@ -242,6 +242,16 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Send SIGHUP (reload the policy).
+    pub fn hangup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP failed");
+    }
+
     /// The admin listener's address, from the `admin_addr=` log line.
     pub fn admin_addr(&self) -> SocketAddr {
         wait_for("the `admin_addr=` log line", SOON, || {
@@ -501,10 +511,19 @@ fn http_on(
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).unwrap();
     let raw = String::from_utf8(raw).expect("UTF-8 answer");
+    parse_reply(&raw).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A whole HTTP/1.1 answer as read until the server closed: status, head, and the body
+/// (de-chunked when chunked).
+pub fn parse_reply(raw: &str) -> Result<Reply, String> {
     let (head, rest) = raw
         .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of head in {raw:?}"));
-    let status = head[9..12].parse().unwrap();
+        .ok_or_else(|| format!("no end of head in {raw:?}"))?;
+    let status = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line: {head:?}"))?;
     let mut reply = Reply {
         status,
         head: head.to_string(),
@@ -514,21 +533,27 @@ fn http_on(
         .header("transfer-encoding")
         .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
     {
-        reply.body = dechunk(rest);
+        reply.body = dechunk(rest)?;
     }
-    reply
+    Ok(reply)
 }
 
-fn dechunk(mut s: &str) -> String {
+fn dechunk(mut s: &str) -> Result<String, String> {
     let mut out = String::new();
     loop {
-        let (size, rest) = s.split_once("\r\n").expect("chunk size line");
-        let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+        let (size, rest) = s
+            .split_once("\r\n")
+            .ok_or_else(|| format!("no chunk size line in {s:?}"))?;
+        let size = usize::from_str_radix(size.trim(), 16)
+            .map_err(|e| format!("chunk size {size:?}: {e}"))?;
         if size == 0 {
-            return out;
+            return Ok(out);
         }
-        out.push_str(&rest[..size]);
-        s = &rest[size + 2..];
+        let chunk = rest
+            .get(..size)
+            .ok_or_else(|| format!("a chunk of {size} bytes in {rest:?}"))?;
+        out.push_str(chunk);
+        s = rest.get(size + 2..).unwrap_or("");
     }
 }
 

@@ -511,44 +511,7 @@ pub fn send_from(client: &str, addr: SocketAddr, request: &[u8]) -> std::io::Res
     stream.write_all(request)?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
-    let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = raw.split_once("\r\n\r\n").ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            format!("no complete answer: {raw:?}"),
-        )
-    })?;
-    let status = head
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status line: {head:?}")))?;
-    let mut reply = Reply {
-        status,
-        head: head.to_string(),
-        body: rest.to_string(),
-    };
-    if reply
-        .header("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
-        reply.body = dechunk(rest);
-    }
-    Ok(reply)
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        s = rest.get(size + 2..).unwrap_or("");
-    }
-    out
+    super::parse_reply(&String::from_utf8_lossy(&raw)).map_err(std::io::Error::other)
 }
 
 /// A redis-server with keyspace notifications on (`notify-keyspace-events KEA`, as the compose
