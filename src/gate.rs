@@ -159,9 +159,14 @@ pub enum GrantError {
 /// [`Gate::grant`]), unless it is an IPv6 network of the policy's `ipv6_prefix`, which a
 /// mirrored client is granted?
 pub(crate) fn too_wide(network: IpNet, ipv6_prefix: u8) -> bool {
-    let beyond_operator = network.prefix_len() < network.max_prefix_len() / 2;
+    let beyond_operator = wider_than_an_operator_grant(network);
     let client_prefix = matches!(network, IpNet::V6(_)) && network.prefix_len() >= ipv6_prefix;
     beyond_operator && !client_prefix
+}
+
+/// Wider than an operator may grant: a /16 for IPv4, a /64 for IPv6.
+fn wider_than_an_operator_grant(network: IpNet) -> bool {
+    network.prefix_len() < network.max_prefix_len() / 2
 }
 
 /// A write of an output that takes longer than this shows on `/healthz` as stuck (a FIFO or a
@@ -499,7 +504,7 @@ impl Gate {
         }
         // `::ffff:203.0.0.0/104` is the IPv4 /8 it stands for: judge (and keep) that.
         let network = crate::client_ip::normalise_network(network);
-        if network.prefix_len() < network.max_prefix_len() / 2 {
+        if wider_than_an_operator_grant(network) {
             return Err(GrantError::TooWide(network));
         }
         let network = active
