@@ -209,6 +209,13 @@ pub fn summary(policy: &Policy) -> String {
             join(&policy.always_allow)
         );
     }
+    if !policy.never_grant.is_empty() {
+        let _ = writeln!(
+            out,
+            "never granted (each stands for many clients): {}",
+            join(&policy.never_grant)
+        );
+    }
     let _ = writeln!(out, "trusted proxies: {}", join(&policy.trusted_proxies));
     out
 }

@@ -49,6 +49,14 @@ pub enum Refusal {
     /// The network to grant overlaps this `always_allow` range.
     #[error("client network overlaps always_allow range {0}")]
     AlwaysAllowed(IpNet),
+    /// The network to grant overlaps this `never_grant` range: an address that stands for many
+    /// clients (a Docker network's gateway, a NAT or VPN exit in front of the proxy).
+    #[error(
+        "network overlaps never_grant range {0}, whose addresses stand for many clients: \
+         nothing inside it is granted (if the range is one client after all, remove it from \
+         never_grant)"
+    )]
+    NeverGrant(IpNet),
     /// An operator's IPv6 network holds every IPv4-mapped address (`::ffff:0:0/96`), which is
     /// how a dual-stack socket sees every IPv4 client: it is no IPv4 range.
     #[error(
@@ -172,9 +180,12 @@ impl Translation {
 pub struct ClientIp {
     trusted: Vec<IpNet>,
     always_allow: Vec<IpNet>,
+    /// Addresses that stand for many clients: refused like `always_allow`, but not believed
+    /// like `trusted_proxies`.
+    never_grant: Vec<IpNet>,
     ipv6_prefix: u8,
-    /// Trusted proxies already reported as the client, so a misconfiguration warns once per
-    /// address instead of once per request.
+    /// Clients already reported as a trusted proxy or inside `never_grant`, so a
+    /// misconfiguration warns once per address instead of once per request.
     warned: Mutex<HashSet<IpAddr>>,
 }
 
@@ -187,9 +198,16 @@ impl ClientIp {
         Self {
             trusted: normalised(trusted_proxies),
             always_allow: normalised(always_allow),
+            never_grant: Vec::new(),
             ipv6_prefix: ipv6_prefix.min(128),
             warned: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// The same resolver, refusing every network that overlaps one of the `never_grant` ranges.
+    pub fn with_never_grant(mut self, never_grant: Vec<IpNet>) -> Self {
+        self.never_grant = never_grant.into_iter().map(normalise_network).collect();
+        self
     }
 
     /// Is this peer (normalised) inside a trusted proxy range?
@@ -249,28 +267,76 @@ impl ClientIp {
     }
 
     /// The network to grant for a resolved client: IPv4 as a /32, IPv6 as its `ipv6_prefix`
-    /// network. Refused when it overlaps (either contains the other) a trusted proxy range or
-    /// an `always_allow` range: granting those would open the proxy's whole traffic, or add
-    /// nothing but an entry that hides the static one.
+    /// network. Refused when it overlaps (either contains the other) a trusted proxy range, a
+    /// `never_grant` range or an `always_allow` range: granting those would open the proxy's
+    /// whole traffic, let in everyone behind a shared address, or add nothing but an entry that
+    /// hides the static one.
     ///
     /// A client inside a translation prefix (NAT64, Teredo) is one IPv4 host among everyone
     /// sharing its /64: it is granted its address alone, and refused as the IPv4 address it
     /// embeds would be.
+    ///
+    /// A `never_grant` refusal is a deployment problem (a proxy in front hides client
+    /// addresses), so it is warned about once per client address.
     pub fn grantable(&self, client: IpAddr) -> Result<IpNet, Refusal> {
         let client = normalise(client);
+        let result = self.client_grantable(client);
+        if let Err(Refusal::NeverGrant(range)) = &result {
+            self.warn_never_grant(client, *range);
+        }
+        result
+    }
+
+    /// The once-per-address warning for a client refused by `never_grant`. An IPv6 client is
+    /// remembered by its network, since phones rotate addresses inside it.
+    fn warn_never_grant(&self, client: IpAddr, range: IpNet) {
+        let network = client_network(client, self.ipv6_prefix);
+        if !self.first_warning(network.network()) {
+            return;
+        }
+        // A translated client is refused for the IPv4 address it embeds.
+        let judged = match client {
+            IpAddr::V6(v6) => Translation::of(v6).map_or(client, |(_, v4)| IpAddr::V4(v4)),
+            IpAddr::V4(_) => client,
+        };
+        if range.contains(&judged) {
+            warn!(
+                %client,
+                %range,
+                "client {judged} is inside never_grant range {range}: it stands for many clients \
+                 (a proxy in front is hiding their addresses, as Docker's userland proxy does for \
+                 connections from the Docker host and for IPv6 clients of an IPv4-only network); \
+                 nothing is granted. To grant those clients, let them reach the proxy with their \
+                 own addresses (run the proxy with network_mode: host, or give its network IPv6)"
+            );
+        } else {
+            warn!(
+                %client,
+                %network,
+                %range,
+                "client {client} would be granted {network}, which overlaps never_grant range \
+                 {range}: that range stands for many clients, so nothing is granted (if {range} \
+                 is one client after all, remove it from never_grant)"
+            );
+        }
+    }
+
+    /// [`grantable`](Self::grantable) without the warning.
+    fn client_grantable(&self, client: IpAddr) -> Result<IpNet, Refusal> {
         if !routable(client) {
             return Err(Refusal::NotRoutable(client));
         }
         if let IpAddr::V6(v6) = client
             && let Some((_, v4)) = Translation::of(v6)
         {
-            self.grantable(IpAddr::V4(v4))?;
+            self.client_grantable(IpAddr::V4(v4))?;
         }
         self.check_network(client_network(client, self.ipv6_prefix), client)
     }
 
     /// Could `network` (an operator's grant) be granted? The same rules as for a client: it
-    /// must not overlap a trusted proxy range or an `always_allow` range, nor be link-local.
+    /// must not overlap a trusted proxy range, a `never_grant` range or an `always_allow` range,
+    /// nor be link-local.
     /// Returns it normalised ([`normalise_network`]): an IPv4-mapped network is judged as the
     /// IPv4 range it stands for. Inside a translation prefix the network may span at most an
     /// IPv4 /16 (a /112), and the IPv4 range it embeds is judged as an IPv4 grant.
@@ -314,6 +380,11 @@ impl ClientIp {
                 }
             });
         }
+        // Before always_allow: a shared address that is also always allowed is the worse
+        // problem, and this refusal is the one that warns.
+        if let Some(range) = self.never_grant.iter().find(|r| overlaps(&network, r)) {
+            return Err(Refusal::NeverGrant(*range));
+        }
         if let Some(range) = self.always_allow.iter().find(|r| overlaps(&network, r)) {
             return Err(Refusal::AlwaysAllowed(*range));
         }
@@ -321,8 +392,9 @@ impl ClientIp {
     }
 
     /// [`resolve`](Self::resolve) then [`grantable`](Self::grantable). A trusted proxy showing
-    /// up as the client is a deployment problem, so it is warned about once per address; every
-    /// other refusal may be hostile input and is logged at debug level only.
+    /// up as the client is a deployment problem, so it is warned about once per address (as
+    /// `grantable` does for a client inside `never_grant`); every other refusal may be hostile
+    /// input and is logged at debug level only.
     pub fn network_to_grant<'a>(
         &self,
         peer: IpAddr,
@@ -338,8 +410,10 @@ impl ClientIp {
                     %peer,
                     %proxy,
                     "a trusted proxy arrived as the client: the proxy in front is hiding client \
-                     addresses (Docker's userland proxy does this; publish the port in host mode \
-                     or run the proxy with network_mode: host); nothing is granted"
+                     addresses (Docker's userland proxy does this for connections from the Docker \
+                     host and for IPv6 clients of an IPv4-only network; run the proxy with \
+                     network_mode: host, or list the address in never_grant rather than \
+                     trusted_proxies); nothing is granted"
                 );
             }
             Err(refusal) => debug!(%peer, %refusal, "no network to grant"),
@@ -347,11 +421,11 @@ impl ClientIp {
         result
     }
 
-    /// Records `proxy` as warned about; true the first time, while there is room to remember.
-    fn first_warning(&self, proxy: IpAddr) -> bool {
+    /// Records `client` as warned about; true the first time, while there is room to remember.
+    fn first_warning(&self, client: IpAddr) -> bool {
         // A poisoned set is still a valid set; losing a warning beats panicking on a request.
         let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
-        warned.len() < MAX_WARNED && warned.insert(proxy)
+        warned.len() < MAX_WARNED && warned.insert(client)
     }
 
     /// How many addresses have been warned about (a test hook).
@@ -1175,6 +1249,127 @@ mod tests {
             // Other refusals are not warnings.
             let _ = r.network_to_grant(ip("198.51.100.1"), []);
             let _ = r.network_to_grant(ip("10.0.0.2"), &headers(&[b"unknown"]));
+        }
+        assert_eq!(r.warned_count(), 2);
+    }
+
+    /// The shipped compose layout: the proxy at 172.30.0.2, the network's gateway (where Docker's
+    /// userland proxy connects from) in never_grant, with an IPv6 gateway and a mapped range.
+    fn docker_resolver(ipv6_prefix: u8) -> ClientIp {
+        ClientIp::new(
+            vec![net("172.30.0.2/32")],
+            vec![net("192.168.1.0/24")],
+            ipv6_prefix,
+        )
+        .with_never_grant(vec![
+            net("172.30.0.1/32"),
+            net("2001:db8:7::1/128"),
+            net("::ffff:100.64.0.0/106"),
+        ])
+    }
+
+    #[test]
+    fn a_client_inside_never_grant_is_refused_naming_the_range_and_the_key() {
+        let r = docker_resolver(64);
+        let proxy = ip("172.30.0.2");
+        let got = r.network_to_grant(proxy, &headers(&[b"203.0.113.9, 172.30.0.1"]));
+        assert_eq!(got, Err(Refusal::NeverGrant(net("172.30.0.1/32"))));
+        let text = got.unwrap_err().to_string();
+        assert!(text.contains("never_grant range 172.30.0.1/32"), "{text}");
+        // However it is written, and through the share path (`grantable`) too.
+        for client in ["172.30.0.1", "::ffff:172.30.0.1", "64:ff9b::172.30.0.1"] {
+            assert_eq!(
+                r.grantable(ip(client)),
+                Err(Refusal::NeverGrant(net("172.30.0.1/32"))),
+                "{client}"
+            );
+        }
+        // A range written mapped matches the IPv4 clients it stands for.
+        assert_eq!(
+            r.grantable(ip("100.64.7.7")),
+            Err(Refusal::NeverGrant(net("100.64.0.0/10")))
+        );
+        // Its neighbours are clients like any other.
+        for (client, want) in [
+            ("172.30.0.3", "172.30.0.3/32"),
+            ("203.0.113.9", "203.0.113.9/32"),
+            ("100.128.0.1", "100.128.0.1/32"),
+        ] {
+            assert_eq!(
+                r.network_to_grant(proxy, &headers(&[client.as_bytes()])),
+                Ok(net(want)),
+                "{client}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_ipv6_network_overlapping_never_grant_is_refused() {
+        let r = docker_resolver(64);
+        let proxy = ip("172.30.0.2");
+        // The client's /64 holds the never_grant /128.
+        assert_eq!(
+            r.network_to_grant(proxy, &headers(&[b"2001:db8:7::abcd"])),
+            Err(Refusal::NeverGrant(net("2001:db8:7::1/128")))
+        );
+        assert_eq!(
+            r.network_to_grant(proxy, &headers(&[b"2001:db8:8::abcd"])),
+            Ok(net("2001:db8:8::/64"))
+        );
+        // Granted its address alone, the same client overlaps nothing.
+        assert_eq!(
+            docker_resolver(128).grantable(ip("2001:db8:7::abcd")),
+            Ok(net("2001:db8:7::abcd/128"))
+        );
+        // An operator's network is refused when it overlaps, either way round.
+        for (network, range) in [
+            ("172.30.0.0/31", "172.30.0.1/32"),
+            ("172.30.0.1/32", "172.30.0.1/32"),
+            ("2001:db8:7::/64", "2001:db8:7::1/128"),
+            ("100.64.1.0/24", "100.64.0.0/10"),
+            ("::ffff:100.64.1.0/120", "100.64.0.0/10"),
+        ] {
+            assert_eq!(
+                r.grantable_network(net(network)),
+                Err(Refusal::NeverGrant(net(range))),
+                "{network}"
+            );
+        }
+        assert_eq!(
+            r.grantable_network(net("172.30.0.4/30")),
+            Ok(net("172.30.0.4/30"))
+        );
+    }
+
+    #[test]
+    fn a_never_grant_peer_is_not_trusted() {
+        let r = docker_resolver(64);
+        let gateway = ip("172.30.0.1");
+        assert!(!r.is_trusted(gateway));
+        // A local user connecting from the gateway cannot have a forged address granted.
+        assert_eq!(
+            r.network_to_grant(gateway, &headers(&[b"203.0.113.9"])),
+            Err(Refusal::UntrustedPeer(gateway))
+        );
+        assert_eq!(
+            r.resolve(gateway, &headers(&[b"203.0.113.9"])),
+            Err(Refusal::UntrustedPeer(gateway))
+        );
+    }
+
+    #[test]
+    fn a_never_grant_client_is_remembered_once_per_address() {
+        let r = docker_resolver(64);
+        let proxy = ip("172.30.0.2");
+        for _ in 0..3 {
+            let _ = r.network_to_grant(proxy, &headers(&[b"172.30.0.1"]));
+            let _ = r.grantable(ip("172.30.0.1"));
+            // Rotating addresses of one /64 are one client.
+            let _ = r.network_to_grant(proxy, &headers(&[b"2001:db8:7::a"]));
+            let _ = r.network_to_grant(proxy, &headers(&[b"2001:db8:7::b"]));
+            // Other refusals are not warnings.
+            let _ = r.network_to_grant(proxy, &headers(&[b"192.168.1.5"]));
+            let _ = r.network_to_grant(ip("172.30.0.1"), &headers(&[b"203.0.113.9"]));
         }
         assert_eq!(r.warned_count(), 2);
     }

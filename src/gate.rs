@@ -62,7 +62,8 @@ impl Active {
             policy.trusted_proxies.clone(),
             policy.all_always_allow(),
             policy.ipv6_prefix,
-        );
+        )
+        .with_never_grant(policy.never_grant.clone());
         let mut mirror_hosts = HashMap::new();
         for (name, source) in &policy.sources {
             if let crate::policy::SourceKind::Mirror(m) = &source.kind {
@@ -210,8 +211,8 @@ impl Gate {
                 ));
                 continue;
             }
-            // The policy may have grown its trusted or always-allowed ranges since. An older
-            // version may have stored an IPv4 range in its mapped form (`::ffff:a.b.c.d/n`):
+            // The policy may have grown its trusted, never_grant or always_allow ranges since. An
+            // older version may have stored an IPv4 range in its mapped form (`::ffff:a.b.c.d/n`):
             // it is restored as the IPv4 range it is.
             let network = match active.client_ip.grantable_network(net) {
                 Ok(network) => network,
@@ -410,8 +411,8 @@ impl Gate {
 
     /// Adopt a reloaded policy, keeping the state: entries of removed sources are dropped,
     /// lowered limits evict the least recently seen, entries the new policy forbids (now inside
-    /// trusted_proxies or always_allow) are revoked, and outputs are re-rendered. Throttle state
-    /// and bans of share sources whose settings did not change are kept.
+    /// trusted_proxies, never_grant or always_allow) are revoked, and outputs are re-rendered.
+    /// Throttle state and bans of share sources whose settings did not change are kept.
     pub fn reload(&self, policy: Policy) -> Vec<Removed> {
         let old = self.active();
         let mut active = Active::new(policy);
@@ -718,8 +719,8 @@ impl Gate {
         let mut ledger = self.ledger();
         let mut changed = false;
         for (source, entries) in books {
-            // Entries this replica's policy never grants (its trusted or always-allowed ranges)
-            // stay out of its lists.
+            // Entries this replica's policy never grants (its trusted, never_grant or always_allow
+            // ranges) stay out of its lists.
             let entries = entries
                 .into_iter()
                 .filter(|e| active.client_ip.grantable_network(e.network).is_ok())

@@ -541,7 +541,12 @@ mod tests {
     #[test]
     fn every_service_and_source_gets_its_snippet() {
         let p = from_yaml_str(
-            &std::fs::read_to_string("gatekeeper.example.yaml").unwrap(),
+            // Absolute: a policy test's `Jail` may have changed the working directory.
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/gatekeeper.example.yaml"
+            ))
+            .unwrap(),
             "example",
         )
         .unwrap();

@@ -34,6 +34,10 @@ pub struct Policy {
     pub traefik: Traefik,
     /// Ranges allowed for every service, always; never granted as entries.
     pub always_allow: Vec<IpNet>,
+    /// Addresses that stand for many clients (a Docker network's gateway, a NAT or VPN exit in
+    /// front of the proxy): never granted, nor overlapped by a grant. Not trusted either: unlike
+    /// `trusted_proxies`, their `X-Forwarded-For` is not believed.
+    pub never_grant: Vec<IpNet>,
     /// Protected services by name, in name order (figment reads maps sorted by key).
     pub services: IndexMap<String, Service>,
     /// Trust sources by name, in name order.
@@ -719,6 +723,8 @@ pub fn legacy_yaml(env: &BTreeMap<String, String>) -> Option<String> {
          state_file: ./data/state.json\n\
          traefik:\n  file: {file}\n  version: 3\n  middleware_prefix: \"\"\n\
          always_allow: [{ranges}]\n\
+         # addresses that stand for many clients (the Docker network's gateway): never granted\n\
+         never_grant: []\n\
          services:\n  {service}: {{}}\n\
          sources:\n  {source}:\n    kind: mirror\n    catch_all: true\n    unlocks: \"*\"\n    max_ips: {max_ips}\n    idle_ttl: never\n",
         file = LEGACY_FILE,
@@ -736,6 +742,7 @@ fn trust_warnings(
     trusted_default: bool,
     legacy: bool,
     always_allow: &[IpNet],
+    never_grant: &[IpNet],
     services: &IndexMap<String, Service>,
 ) -> Vec<Problem> {
     let trusted_key = |i: usize| {
@@ -768,6 +775,20 @@ fn trust_warnings(
                          so every service opens to everyone; trust only the proxy's own address \
                          and always allow only networks no proxy is in",
                         trusted_key(i)
+                    ),
+                    from: None,
+                });
+            }
+        }
+        for (i, hidden) in never_grant.iter().enumerate() {
+            if range.contains(hidden) || hidden.contains(range) {
+                warnings.push(Problem {
+                    key: key.clone(),
+                    message: format!(
+                        "`{range}` overlaps never_grant[{i}] `{hidden}`: those addresses stand for \
+                         many clients (a proxy hiding their addresses), and this range always \
+                         allows them, so every client that arrives that way gets in; always allow \
+                         only networks that are yours"
                     ),
                     from: None,
                 });
@@ -814,6 +835,7 @@ struct RawPolicy {
     #[serde(default)]
     traefik: RawTraefik,
     always_allow: Field,
+    never_grant: Field,
     #[serde(default)]
     services: IndexMap<String, Option<RawService>>,
     #[serde(default)]
@@ -1181,6 +1203,7 @@ impl RawPolicy {
                 "ipv6_prefix",
                 "traefik",
                 "always_allow",
+                "never_grant",
                 "services",
                 "sources",
                 "notify",
@@ -1235,6 +1258,9 @@ impl RawPolicy {
             .unwrap_or(64) as u8;
         let always_allow = c
             .cidrs("always_allow", &self.always_allow)
+            .unwrap_or_default();
+        let never_grant = c
+            .cidrs("never_grant", &self.never_grant)
             .unwrap_or_default();
 
         let version = match &t.version {
@@ -1390,6 +1416,7 @@ impl RawPolicy {
             trusted_default,
             legacy,
             &always_allow,
+            &never_grant,
             &services,
         );
         Some(Policy {
@@ -1415,6 +1442,7 @@ impl RawPolicy {
                 redis: traefik_redis,
             },
             always_allow,
+            never_grant,
             services,
             sources,
             notify,
@@ -2056,6 +2084,13 @@ mod tests {
         std::env::vars().collect()
     }
 
+    /// A file of the repository, by an absolute path: a `Jail` in a test running alongside
+    /// changes the working directory.
+    fn repo_file(path: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
     fn problems(yaml: &str) -> Vec<String> {
         match from_yaml_str(yaml, "test.yaml") {
             Err(PolicyError::Invalid { problems, .. }) => {
@@ -2067,11 +2102,7 @@ mod tests {
 
     #[test]
     fn the_design_example_is_valid_with_its_defaults() {
-        let p = from_yaml_str(
-            &std::fs::read_to_string("gatekeeper.example.yaml").unwrap(),
-            "example",
-        )
-        .unwrap();
+        let p = from_yaml_str(&repo_file("gatekeeper.example.yaml"), "example").unwrap();
         assert_eq!(p.traefik.version, TraefikVersion::V3);
         assert_eq!(p.traefik.middleware_name("immich"), "gatekeeper-immich");
         assert_eq!(p.traefik.ip_strategy.as_ref().unwrap().depth, Some(0));
@@ -2295,6 +2326,26 @@ mod tests {
     }
 
     #[test]
+    fn always_allow_overlapping_never_grant_is_warned_naming_both_keys() {
+        let p = from_yaml_str(
+            &format!(
+                "never_grant: [172.30.0.1/32]\n\
+                 always_allow: [172.30.0.0/24, 192.168.0.0/16]\n{MINIMAL}"
+            ),
+            "t",
+        )
+        .unwrap();
+        let text: Vec<String> = p.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(text.len(), 1, "{text:?}");
+        assert!(
+            text[0].starts_with(
+                "always_allow[0]: `172.30.0.0/24` overlaps never_grant[0] `172.30.0.1/32`: "
+            ),
+            "{text:?}"
+        );
+    }
+
+    #[test]
     fn always_allow_overlapping_trusted_proxies_is_warned_naming_both_keys() {
         let p = from_yaml_str(
             &format!(
@@ -2335,14 +2386,86 @@ mod tests {
     }
 
     #[test]
+    fn never_grant_is_read_like_always_allow() {
+        let p = from_yaml_str(MINIMAL, "t").unwrap();
+        assert!(p.never_grant.is_empty());
+        let p = from_yaml_str(
+            &format!("never_grant: [172.30.0.1, \"2001:db8:7::1/64\"]\n{MINIMAL}"),
+            "t",
+        )
+        .unwrap();
+        let ranges: Vec<String> = p.never_grant.iter().map(|n| n.to_string()).collect();
+        assert_eq!(ranges, ["172.30.0.1/32", "2001:db8:7::/64"]);
+        // Not trusted: the default trust stays loopback only.
+        assert!(
+            !p.trusted_proxies
+                .iter()
+                .any(|t| t.contains(&p.never_grant[0]))
+        );
+        // A single range is a list of one.
+        let p = from_yaml_str(&format!("never_grant: 172.30.0.1/32\n{MINIMAL}"), "t").unwrap();
+        assert_eq!(p.never_grant, vec![parse_cidr("172.30.0.1/32").unwrap()]);
+    }
+
+    #[test]
+    fn never_grant_errors_name_each_bad_element_with_the_rest() {
+        let got = problems(&format!(
+            "never_grant: [172.30.0.1/32, bogus, 10.0.0.0/33]\n\
+             always_allow: [nope]\n\
+             never_grants: [172.30.0.1/32]\n{MINIMAL}"
+        ));
+        for want in [
+            "never_grant[1]: `bogus` is not a CIDR range",
+            "never_grant[2]: `10.0.0.0/33`",
+            "always_allow[0]: `nope` is not a CIDR range",
+            "never_grants: unknown key `never_grants`",
+        ] {
+            assert!(got.iter().any(|p| p.starts_with(want)), "{want}: {got:?}");
+        }
+        assert_eq!(got.len(), 4, "{got:?}");
+        let got = problems(&format!(
+            "never_grant: {{ gateway: 172.30.0.1 }}\n{MINIMAL}"
+        ));
+        assert!(
+            got.iter()
+                .any(|p| p.starts_with("never_grant: expected a list")),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn never_grant_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file("gk.yaml", MINIMAL)?;
+            let location = Location::resolve(Some("gk.yaml".into()), &env());
+            jail.set_env("GATEKEEPER_NEVER_GRANT", "[172.30.0.1/32, fd00:30::1]");
+            let p = load(&location, &env()).unwrap();
+            let ranges: Vec<String> = p.never_grant.iter().map(|n| n.to_string()).collect();
+            assert_eq!(ranges, ["172.30.0.1/32", "fd00:30::1/128"]);
+
+            jail.set_env("GATEKEEPER_NEVER_GRANT", "172.30.0.1");
+            let p = load(&location, &env()).unwrap();
+            assert_eq!(p.never_grant, vec![parse_cidr("172.30.0.1/32").unwrap()]);
+
+            jail.set_env("GATEKEEPER_NEVER_GRANT", "[172.30.0.1/32, bogus]");
+            let err = load(&location, &env()).unwrap_err().to_string();
+            assert!(
+                err.contains("never_grant[1]: `bogus` is not a CIDR range")
+                    && err.contains("set by environment variable GATEKEEPER_NEVER_GRANT"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn every_shipped_policy_is_valid_without_warnings() {
         for path in [
             "gatekeeper.example.yaml",
             "deploy/gatekeeper.yaml",
             "deploy/gatekeeper.ha.yaml",
         ] {
-            let p = from_yaml_str(&std::fs::read_to_string(path).unwrap(), path)
-                .unwrap_or_else(|e| panic!("{path}: {e}"));
+            let p = from_yaml_str(&repo_file(path), path).unwrap_or_else(|e| panic!("{path}: {e}"));
             assert!(p.warnings.is_empty(), "{path}: {:?}", p.warnings);
         }
     }
@@ -2408,6 +2531,11 @@ mod tests {
             );
             assert_eq!(p.traefik.file.as_deref(), Some(Path::new(LEGACY_FILE)));
             assert_eq!(p.always_allow.len(), 2);
+            assert!(p.never_grant.is_empty());
+            assert!(
+                legacy_yaml(&env()).unwrap().contains("\nnever_grant: []\n"),
+                "the equivalent policy file shows the key"
+            );
             let src = &p.sources[LEGACY_SOURCE];
             assert_eq!(src.limits.max_ips, 3);
             assert_eq!(src.limits.idle_ttl, None);

@@ -169,3 +169,92 @@ fn an_admin_token_of_digits_works_and_is_never_echoed() {
     assert!(err.contains("admin.token: expected text"), "{err}");
     assert!(!format!("{out}{err}").contains("31415"), "{out}{err}");
 }
+
+#[test]
+fn a_client_inside_never_grant_is_warned_about_once_and_never_granted() {
+    // The shipped compose layout: the proxy is trusted, the network's gateway (where Docker's
+    // userland proxy connects from) is never granted.
+    let setup = Setup::new(&base(
+        "trusted_proxies: [127.0.0.1/32]\nnever_grant: [172.30.0.1/32]\n",
+    ));
+    let (status, out, _) = run(
+        setup.dir.path(),
+        &["check", "--config", "gatekeeper.yaml"],
+        &[],
+    );
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains("never granted (each stands for many clients): 172.30.0.1/32"),
+        "{out}"
+    );
+    let token = "never-grant-admin-token";
+    let daemon = Daemon::start(
+        setup.dir.path(),
+        &["--config", "gatekeeper.yaml"],
+        &[("GATEKEEPER_ADMIN__TOKEN", token)],
+    );
+    let proxy = Ipv4Addr::LOCALHOST;
+    // The proxy's mirror gets its 200 whatever the client turned out to be.
+    for _ in 0..2 {
+        assert_eq!(mirror_from(proxy, daemon.addr, "172.30.0.1"), 200);
+    }
+    // The barrier: once this grant is in the Traefik file and the log, the two requests before
+    // it have been handled and logged.
+    assert_eq!(mirror_from(proxy, daemon.addr, "203.0.113.8"), 200);
+    let lists = setup.wait_lists("the barrier grant", SOON, |l| {
+        l["gatekeeper-immich"].contains(&"203.0.113.8/32".to_string())
+    });
+    assert_eq!(
+        lists["gatekeeper-immich"],
+        strings(&["203.0.113.8/32"]),
+        "{lists:?}"
+    );
+    let networks: Vec<String> = setup
+        .state_entries()
+        .into_iter()
+        .map(|e| e.network)
+        .collect();
+    assert_eq!(networks, strings(&["203.0.113.8/32"]));
+    let log = daemon.wait_log("203.0.113.8/32");
+    let warning = "client 172.30.0.1 is inside never_grant range 172.30.0.1/32";
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(warning)).collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(lines[0].contains("WARN"), "{}", lines[0]);
+    assert!(lines[0].contains("Docker's userland proxy"), "{}", lines[0]);
+
+    // An operator cannot grant a network that holds it either.
+    let admin = daemon.admin_addr();
+    let auth = format!("Bearer {token}");
+    let refused = http(
+        admin,
+        "POST",
+        "/api/v1/entries",
+        &[("Authorization", auth.as_str())],
+        r#"{"source":"ha","address":"172.30.0.0/30"}"#,
+    );
+    assert_eq!(refused.status, 400, "{refused:?}");
+    let error = refused.error();
+    assert!(
+        error.contains("172.30.0.0/30")
+            && error.contains("overlaps never_grant range 172.30.0.1/32"),
+        "{error}"
+    );
+    // Beside it is fine.
+    let granted = http(
+        admin,
+        "POST",
+        "/api/v1/entries",
+        &[("Authorization", auth.as_str())],
+        r#"{"source":"ha","address":"172.30.0.4/30"}"#,
+    );
+    assert_eq!(granted.status, 201, "{granted:?}");
+    let networks: std::collections::BTreeSet<String> = setup
+        .state_entries()
+        .into_iter()
+        .map(|e| e.network)
+        .collect();
+    assert_eq!(
+        networks,
+        ["172.30.0.4/30", "203.0.113.8/32"].map(String::from).into()
+    );
+}
