@@ -288,6 +288,11 @@ impl Gate {
         (shown.0.clone(), shown.1)
     }
 
+    /// The change counter: every change to the ledger so far is numbered at most this.
+    pub(crate) fn generation(&self) -> u64 {
+        *self.inner.changes.borrow()
+    }
+
     /// What gatekeeper knows of when Traefik applies what the sinks wrote.
     pub fn propagation(&self) -> &Propagation {
         &self.inner.propagation

@@ -507,3 +507,71 @@ fn two_replicas_on_one_shared_ledger_converge_on_one_kv() {
         assert_eq!(allow_status(b.addr, "immich", ip), 200);
     }
 }
+
+/// A replica that starts reads the ledger from the shared store, then its KV sink writes: it must
+/// write that ledger, never the empty one it had before reading it. (Found with two replicas of
+/// deploy/compose.ha.yaml restarting under real Traefik: the first to start replaced the lists
+/// with the deny-all sentinel, and the phone got 403 until the other wrote them back.)
+#[test]
+fn a_starting_replica_never_writes_the_kv_from_the_ledger_it_has_not_read_yet() {
+    let redis = Redis::start();
+    let text = policy(&redis.url(), 3, SERVICES).replace(
+        "sources:",
+        &format!(
+            "redis: {{ url: \"{}\", key_prefix: kv-start }}\nsources:",
+            redis.url()
+        ),
+    );
+    let first = setup(&text);
+    let a = start(&first);
+    assert_eq!(mirror(a.addr, "ha.example.com", "198.51.100.1"), 200);
+    let immich = "traefik/http/middlewares/gatekeeper-immich/ipAllowList/sourceRange/0";
+    wait_kv(&redis, "the first grant in the KV", |kv| {
+        kv.get(immich).map(String::as_str) == Some("198.51.100.1/32")
+    });
+    drop(a);
+
+    // Every command Redis runs from here on.
+    let log_path = first.dir.path().join("monitor.log");
+    let log = std::fs::File::create(&log_path).expect("monitor log");
+    let mut monitor = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "monitor"])
+        .stdout(log)
+        .spawn()
+        .expect("redis-cli monitor");
+    wait_for("MONITOR to start", SOON, || {
+        let text = std::fs::read_to_string(&log_path).map_err(|e| e.to_string())?;
+        if text.starts_with("OK") {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    });
+
+    // A replica starts on the same Redis and makes its own first change.
+    let second = setup(&text);
+    let b = start(&second);
+    assert_eq!(mirror(b.addr, "ha.example.com", "198.51.100.2"), 200);
+    wait_kv(&redis, "both grants in the KV", |kv| {
+        let mut list: Vec<&str> = kv
+            .iter()
+            .filter(|(k, _)| k.starts_with(&immich[..immich.len() - 1]))
+            .map(|(_, v)| v.as_str())
+            .collect();
+        list.sort_unstable();
+        list == ["198.51.100.1/32", "198.51.100.2/32"]
+    });
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    let commands = std::fs::read_to_string(&log_path).expect("monitor log");
+    let dropped: Vec<&str> = commands
+        .lines()
+        .filter(|l| l.contains("gatekeeper-immich/"))
+        .filter(|l| l.contains("\"DEL\"") || l.contains("0.0.0.0/32"))
+        .collect();
+    assert!(
+        dropped.is_empty(),
+        "the starting replica wrote the KV before it had the shared ledger:\n{}",
+        dropped.join("\n")
+    );
+}

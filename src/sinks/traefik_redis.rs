@@ -386,6 +386,11 @@ impl Writer {
 /// what the outputs' final flush shows, if Redis lacks it.
 pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
     let mut shown = gate.watch_shown();
+    // The ledger as the sink starts (read from the shared store or the state file) reaches what
+    // the proxy is shown only once the outputs task has swapped it in. Writing before that would
+    // replace the lists in Redis with older, emptier ones and lock out everybody in them until
+    // the next write (seen with two replicas restarting: 403 for two seconds).
+    let floor = gate.generation();
     let mut writer: Option<Writer> = None;
     let mut resynced = Instant::now();
     tokio::pin!(stop);
@@ -416,6 +421,18 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
                     resynced = Instant::now();
                 }
                 let (snapshot, generation) = gate.shown_with_generation();
+                if generation < floor {
+                    // `shown.changed()` below wakes the sink when it is swapped in.
+                    debug!(
+                        generation,
+                        floor, "traefik.redis waits for the ledger it started with"
+                    );
+                    tokio::select! {
+                        r = shown.changed() => if r.is_err() { break },
+                        _ = &mut stop => break,
+                    }
+                    continue;
+                }
                 let result = tokio::select! {
                     r = w.sync(&snapshot, &active.policy.traefik) => r,
                     _ = &mut stop => break,
