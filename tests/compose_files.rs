@@ -176,7 +176,7 @@ fn no_gatekeeper_endpoint_gets_a_router_of_its_own() {
 }
 
 #[test]
-fn gatekeeper_trusts_exactly_the_proxies_fixed_addresses() {
+fn gatekeeper_trusts_exactly_the_proxies_fixed_addresses_and_never_grants_the_gateway() {
     for file in COMPOSE_FILES {
         let config = config(file);
         let mut proxies: Vec<String> = config["services"]
@@ -210,6 +210,30 @@ fn gatekeeper_trusts_exactly_the_proxies_fixed_addresses() {
         for p in &proxies {
             let net: ipnet::IpNet = p.parse().unwrap();
             assert!(subnet.contains(&net), "{file}: {p} outside {subnet}");
+        }
+        // The network's gateway, which every client Docker's userland proxy forwards looks like,
+        // is fixed and never granted; and the fixed addresses are outside the range Docker
+        // hands out, so no other container can take them first.
+        let ipam = &config["networks"]["default"]["ipam"]["config"][0];
+        let gateway = ipam["gateway"].as_str().expect("a fixed gateway");
+        let never: Vec<&str> = policy["never_grant"]
+            .as_array()
+            .expect("never_grant set")
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(never, [format!("{gateway}/32")], "{file}");
+        let dynamic: ipnet::IpNet = ipam["ip_range"]
+            .as_str()
+            .expect("an ip_range for dynamic addresses")
+            .parse()
+            .unwrap();
+        for fixed in proxies.iter().map(String::as_str).chain([never[0]]) {
+            let net: ipnet::IpNet = fixed.parse().unwrap();
+            assert!(
+                subnet.contains(&dynamic) && !dynamic.contains(&net),
+                "{file}: {fixed} is inside the dynamic range {dynamic}"
+            );
         }
     }
 }
