@@ -82,6 +82,35 @@ fn every_compose_file_parses_without_an_interpolation_error() {
     }
 }
 
+/// Compose v2 (`docker compose`, what users run) reads them without a warning too, and sees the
+/// same labels as v1. (tests/docker.rs runs compose.yaml with v2 and Traefik routes by them.)
+#[test]
+fn compose_v2_reads_every_compose_file_as_v1_does() {
+    let docker = tool("docker", "apt-get install -y docker.io");
+    for file in COMPOSE_FILES {
+        let out = Command::new(&docker)
+            .args(["compose", "-f", file, "config"])
+            .current_dir(deploy_dir())
+            .output()
+            .expect("run docker compose");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "docker compose config refused {file} (.ci/run installs Compose v2):\n{stderr}"
+        );
+        assert!(
+            !stderr.to_lowercase().contains("warn"),
+            "docker compose config complained about {file}:\n{stderr}"
+        );
+        let v2 = yaml(&String::from_utf8_lossy(&out.stdout));
+        let mut v2_labels = labels(&v2);
+        let mut v1_labels = labels(&config(file));
+        v2_labels.sort();
+        v1_labels.sort();
+        assert_eq!(v2_labels, v1_labels, "{file}");
+    }
+}
+
 #[test]
 fn every_router_that_mirrors_to_gatekeeper_requires_a_client_certificate() {
     // The mirroring services live in deploy/traefik/dynamic/mirror.yml.

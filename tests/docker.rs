@@ -175,6 +175,12 @@ impl Engine {
     fn start(cache: &Path) -> Engine {
         let dockerd = tool("dockerd", "apt-get install -y docker.io");
         tool("docker-compose", "apt-get install -y docker-compose");
+        if let Err(e) = try_run(compose_v2().arg("version")) {
+            panic!(
+                "Compose v2 (`docker compose`) is not installed: .ci/run puts Debian trixie's \
+                 docker-compose plugin into /usr/local/lib/docker/cli-plugins ({e})"
+            );
+        }
         if UnixStream::connect(ENGINE_SOCKET).is_ok() {
             panic!(
                 "a Docker engine already answers at {ENGINE_SOCKET}: the compose files mount that \
@@ -661,7 +667,7 @@ fn legacy(work: &Path) {
 /// `<!-- /install:compose -->`), run one by one in the checkout copy, which stands for the
 /// clone of the first line: `HOME` is `home`, `sudo` is dropped (the test is root), the
 /// certificate bundle's password comes from `P12_PASSWORD`, and `docker compose -f
-/// deploy/compose.yaml ARGS` is `project` (Compose v1, the Immich stand-in laid over) with ARGS.
+/// deploy/compose.yaml ARGS` is `project` (Compose v2, the Immich stand-in laid over) with ARGS.
 fn readme_install(repo: &Path, home: &Path, project: &Project) {
     let readme = fs::read_to_string(manifest_dir().join("README.md")).expect("README.md");
     let start = readme
@@ -709,19 +715,43 @@ fn readme_install(repo: &Path, home: &Path, project: &Project) {
     }
 }
 
+/// Which Compose runs a project: users run v2 (`docker compose`); v1 (`docker-compose`) is
+/// Debian bookworm's. The files must suit both.
+#[derive(Clone, Copy)]
+enum Compose {
+    /// `docker compose`, the CLI plugin (.ci/run installs Debian trixie's).
+    V2,
+    /// `docker-compose`, with `--compatibility` for `deploy.replicas`.
+    V1,
+}
+
+fn compose_v2() -> Command {
+    let mut cmd = docker();
+    cmd.arg("compose");
+    cmd
+}
+
 /// A compose project; `down -v` on drop, with its logs first when a step failed.
 struct Project {
     name: &'static str,
     files: Vec<PathBuf>,
     env: Vec<(&'static str, String)>,
-    global: Vec<&'static str>,
+    tool: Compose,
 }
 
 impl Project {
     fn compose(&self) -> Command {
-        let mut cmd = Command::new(tool("docker-compose", "apt-get install -y docker-compose"));
-        cmd.args(&self.global)
-            .args(["--ansi", "never", "-p", self.name]);
+        let mut cmd = match self.tool {
+            Compose::V2 => compose_v2(),
+            Compose::V1 => {
+                let mut cmd =
+                    Command::new(tool("docker-compose", "apt-get install -y docker-compose"));
+                // v1 starts `deploy.replicas` containers only in compatibility mode.
+                cmd.arg("--compatibility");
+                cmd
+            }
+        };
+        cmd.args(["--ansi", "never", "-p", self.name]);
         for file in &self.files {
             cmd.arg("-f").arg(file);
         }
@@ -841,7 +871,7 @@ fn single(repo: &Path, home: &Path, net: &Internet) {
             repo.join("tests/docker/compose.test.yaml"),
         ],
         env: vec![("GK_TEST_IMMICH_KEYS", valid.clone())],
-        global: vec![],
+        tool: Compose::V2,
     };
     let _ = try_run(project.compose().args(["down", "-v", "--remove-orphans"]));
     readme_install(repo, home, &project);
@@ -986,8 +1016,7 @@ fn ha(repo: &Path, certs: &Path, net: &Internet) {
         name: "gk-compose-ha",
         files: vec![repo.join("deploy/compose.ha.yaml")],
         env: vec![],
-        // Compose v1 takes `deploy.replicas` only in compatibility mode (v2 always does).
-        global: vec!["--compatibility"],
+        tool: Compose::V1,
     };
     project.up();
     let replicas = project.containers("gatekeeper");
