@@ -6,7 +6,6 @@
 //! which is why `admin.listen` must stay private (loopback by default).
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
@@ -19,7 +18,9 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get};
 use http::{StatusCode, header};
 use ipnet::IpNet;
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 use tracing::{debug, error, info};
 
 use crate::cli::short_span;
@@ -201,14 +202,8 @@ async fn bearer(State(admin): State<Admin>, req: Request, next: Next) -> Respons
 /// Compare in time that depends on the lengths only, so the token cannot be guessed byte by byte
 /// from response times.
 fn same_token(given: &[u8], token: &[u8]) -> bool {
-    if given.len() != token.len() {
-        return false;
-    }
-    given
-        .iter()
-        .zip(token)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
+    // Unequal lengths answer false at once: only the length can leak, never a matching prefix.
+    given.ct_eq(token).into()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -474,10 +469,7 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         .map(|s| (s.name.clone(), s.allowed.len()))
         .collect();
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
         admin.gate.metrics().render(
             &by_source,
             &by_service,
@@ -506,31 +498,15 @@ async fn status_page(State(admin): State<Admin>) -> Response {
     ([(header::CACHE_CONTROL, "no-store")], Html(page)).into_response()
 }
 
-/// Escape text for HTML element content and quoted attribute values.
-pub fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// A `<time>` reading "5m ago" or "in 6d 23h", with the exact time as its tooltip.
-fn time_tag(at: Millis, now: Millis) -> String {
+fn time_tag(at: Millis, now: Millis) -> Markup {
     let text = if at <= now {
         format!("{} ago", short_span((now - at) / 1000))
     } else {
         format!("in {}", short_span((at - now) / 1000))
     };
     let exact = rfc3339(at);
-    format!("<time datetime=\"{exact}\" title=\"{exact}\">{text}</time>")
+    html! { time datetime=(exact) title=(exact) { (text) } }
 }
 
 fn duration_text(d: Option<Duration>) -> String {
@@ -579,138 +555,158 @@ dl{display:grid;grid-template-columns:auto 1fr;gap:2px 12px;margin:6px 0 0;font-
 dt{color:var(--muted)}dd{margin:0;overflow-wrap:anywhere}\
 footer{max-width:760px;margin:0 auto;padding:8px 16px 28px;color:var(--muted);font-size:.78rem}";
 
-/// The status page for `policy` and its `entries` (source, entry, expiry) at `now`.
+/// The status page for `policy` and its `entries` (source, entry, expiry) at `now`. maud escapes
+/// every value spliced in: source, service and identity names come from the policy and from
+/// clients.
 pub fn render_status(
     policy: &Policy,
     entries: &[(String, Entry, Option<Millis>)],
     problem: Option<&str>,
     now: Millis,
 ) -> String {
-    let e = html_escape;
     let at = rfc3339(now);
-    let mut out = String::with_capacity(8 * 1024);
-    let _ = write!(
-        out,
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <meta name=\"robots\" content=\"noindex\">\
-         <title>gatekeeper status</title><style>{STYLE}</style></head><body>\n<header>\
-         <h1>gatekeeper</h1><p class=\"meta\">{} services · {} sources · {} entries · \
-         as of <time datetime=\"{at}\">{}</time></p>",
-        policy.services.len(),
-        policy.sources.len(),
-        entries.len(),
-        e(&at.replace('T', " ").replace('Z', " UTC")),
-        at = e(&at),
-    );
-    match problem {
-        None => out.push_str("<p class=\"health ok\">✓ healthy: outputs written</p>"),
-        Some(why) => {
-            let _ = write!(out, "<p class=\"health bad\">✗ {}</p>", e(why));
-        }
-    }
-    out.push_str("</header>\n<main>\n<h2>Services</h2>\n");
-
-    for (name, service) in &policy.services {
-        let unlocking: Vec<&str> = policy
-            .sources
-            .iter()
-            .filter(|(_, s)| s.unlocks.iter().any(|u| u == name))
-            .map(|(n, _)| n.as_str())
-            .collect();
-        let mut allowed: Vec<&(String, Entry, Option<Millis>)> = entries
-            .iter()
-            .filter(|(s, _, _)| unlocking.contains(&s.as_str()))
-            .collect();
-        allowed.sort_by(|a, b| (a.1.network, &a.0).cmp(&(b.1.network, &b.0)));
-        let _ = write!(
-            out,
-            "<section class=\"card\" id=\"service-{id}\"><h3><span>{id}</span>\
-             <span class=\"count\">{n} allowed</span></h3>",
-            id = e(name),
-            n = allowed.len(),
-        );
-        if allowed.is_empty() {
-            out.push_str("<p class=\"empty\">nobody is allowed through a source</p>");
-        } else {
-            out.push_str("<ul>");
-            for (source, entry, expires) in allowed {
-                let _ = write!(
-                    out,
-                    "<li><span class=\"net\">{}</span><span class=\"chip\">{}</span>\
-                     <div class=\"sub\">",
-                    e(&entry.network.to_string()),
-                    e(source),
-                );
-                if let Some(id) = &entry.identity {
-                    let _ = write!(out, "<span class=\"who\">{}</span> · ", e(id));
-                }
-                let _ = write!(
-                    out,
-                    "since {} · seen {} · until {}</div></li>",
-                    time_tag(entry.first_seen, now),
-                    time_tag(entry.last_seen(), now),
-                    expires.map_or_else(|| "revoked".to_string(), |t| time_tag(t, now)),
-                );
+    let page = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                meta name="robots" content="noindex";
+                title { "gatekeeper status" }
+                style { (PreEscaped(STYLE)) }
             }
-            out.push_str("</ul>");
+            body {
+                header {
+                    h1 { "gatekeeper" }
+                    p.meta {
+                        (policy.services.len()) " services · " (policy.sources.len()) " sources · "
+                        (entries.len()) " entries · as of "
+                        time datetime=(at) { (at.replace('T', " ").replace('Z', " UTC")) }
+                    }
+                    @match problem {
+                        None => p.health.ok { "✓ healthy: outputs written" },
+                        Some(why) => p.health.bad { "✗ " (why) },
+                    }
+                }
+                main {
+                    h2 { "Services" }
+                    @for (name, service) in &policy.services {
+                        (service_card(policy, name, service, entries, now))
+                    }
+                    h2 { "Sources" }
+                    @for (name, source) in &policy.sources {
+                        (source_card(name, source, entries))
+                    }
+                }
+                footer {
+                    "policy " (policy.origin) " · read-only; change entries with "
+                    code { "gatekeeper grant" } " and " code { "gatekeeper revoke" }
+                }
+            }
         }
-        let statics: Vec<String> = policy
-            .always_allow
-            .iter()
-            .chain(&service.always_allow)
-            .map(|n| format!("<code>{}</code>", e(&n.to_string())))
-            .collect();
-        if !statics.is_empty() {
-            let _ = write!(
-                out,
-                "<p class=\"static\">always allowed: {}</p>",
-                statics.join(", ")
-            );
-        }
-        if unlocking.is_empty() {
-            out.push_str("<p class=\"static\">no source unlocks this service</p>");
-        }
-        out.push_str("</section>\n");
-    }
+    };
+    page.into_string()
+}
 
-    out.push_str("<h2>Sources</h2>\n");
-    for (name, source) in &policy.sources {
-        let used = entries.iter().filter(|(s, _, _)| s == name).count();
-        let max = source.limits.max_ips;
-        let pct = (used * 100).checked_div(max).map_or(100, |p| p.min(100));
-        let (kind, detail) = match &source.kind {
-            SourceKind::Mirror(m) if m.catch_all => ("mirror", "every unclaimed request".into()),
-            SourceKind::Mirror(m) => ("mirror", m.hosts.join(", ")),
-            SourceKind::Share(s) => ("share", s.upstream.to_string()),
-        };
-        let _ = writeln!(
-            out,
-            "<section class=\"card\" id=\"source-{id}\"><h3><span>{id}<span class=\"chip\">{kind}</span></span>\
-             <span class=\"count\">{used} / {max}</span></h3>\
-             <div class=\"bar{full}\"><span style=\"width:{pct}%\"></span></div><dl>\
-             <dt>{what}</dt><dd>{detail}</dd><dt>unlocks</dt><dd>{unlocks}</dd>\
-             <dt>idle_ttl</dt><dd>{idle}</dd><dt>max_age</dt><dd>{age}</dd></dl></section>",
-            id = e(name),
-            full = if used >= max { " full" } else { "" },
-            what = if kind == "mirror" {
-                "hosts"
-            } else {
-                "upstream"
-            },
-            detail = e(&detail),
-            unlocks = e(&source.unlocks.join(", ")),
-            idle = e(&duration_text(source.limits.idle_ttl)),
-            age = e(&duration_text(source.limits.max_age)),
-        );
+/// Who is allowed through to `name`, by which source, and what is always allowed.
+fn service_card(
+    policy: &Policy,
+    name: &str,
+    service: &policy::Service,
+    entries: &[(String, Entry, Option<Millis>)],
+    now: Millis,
+) -> Markup {
+    let unlocking: Vec<&str> = policy
+        .sources
+        .iter()
+        .filter(|(_, s)| s.unlocks.iter().any(|u| u == name))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let mut allowed: Vec<&(String, Entry, Option<Millis>)> = entries
+        .iter()
+        .filter(|(s, _, _)| unlocking.contains(&s.as_str()))
+        .collect();
+    allowed.sort_by(|a, b| (a.1.network, &a.0).cmp(&(b.1.network, &b.0)));
+    let statics: Vec<String> = policy
+        .always_allow
+        .iter()
+        .chain(&service.always_allow)
+        .map(ToString::to_string)
+        .collect();
+    html! {
+        section.card id={ "service-" (name) } {
+            h3 { span { (name) } span.count { (allowed.len()) " allowed" } }
+            @if allowed.is_empty() {
+                p.empty { "nobody is allowed through a source" }
+            } @else {
+                ul {
+                    @for (source, entry, expires) in allowed {
+                        li {
+                            span.net { (entry.network) }
+                            span.chip { (source) }
+                            div.sub {
+                                @if let Some(id) = &entry.identity {
+                                    span.who { (id) } " · "
+                                }
+                                "since " (time_tag(entry.first_seen, now))
+                                " · seen " (time_tag(entry.last_seen(), now))
+                                " · until "
+                                @match expires {
+                                    Some(t) => (time_tag(*t, now)),
+                                    None => "revoked",
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            @if !statics.is_empty() {
+                p.static {
+                    "always allowed: "
+                    @for (i, net) in statics.iter().enumerate() {
+                        @if i > 0 { ", " }
+                        code { (net) }
+                    }
+                }
+            }
+            @if unlocking.is_empty() {
+                p.static { "no source unlocks this service" }
+            }
+        }
     }
-    let _ = write!(
-        out,
-        "</main>\n<footer>policy {} · read-only; change entries with <code>gatekeeper grant</code> \
-         and <code>gatekeeper revoke</code></footer>\n</body></html>\n",
-        e(&policy.origin)
-    );
-    out
+}
+
+/// A source: what it watches, how full it is against `max_ips`, and its timings.
+fn source_card(
+    name: &str,
+    source: &policy::Source,
+    entries: &[(String, Entry, Option<Millis>)],
+) -> Markup {
+    let used = entries.iter().filter(|(s, _, _)| s == name).count();
+    let max = source.limits.max_ips;
+    let pct = (used * 100).checked_div(max).map_or(100, |p| p.min(100));
+    let (kind, what, detail) = match &source.kind {
+        SourceKind::Mirror(m) if m.catch_all => {
+            ("mirror", "hosts", "every unclaimed request".into())
+        }
+        SourceKind::Mirror(m) => ("mirror", "hosts", m.hosts.join(", ")),
+        SourceKind::Share(s) => ("share", "upstream", s.upstream.to_string()),
+    };
+    html! {
+        section.card id={ "source-" (name) } {
+            h3 {
+                span { (name) span.chip { (kind) } }
+                span.count { (used) " / " (max) }
+            }
+            div.bar.full[used >= max] { span style={ "width:" (pct) "%" } {} }
+            dl {
+                dt { (what) } dd { (detail) }
+                dt { "unlocks" } dd { (source.unlocks.join(", ")) }
+                dt { "idle_ttl" } dd { (duration_text(source.limits.idle_ttl)) }
+                dt { "max_age" } dd { (duration_text(source.limits.max_age)) }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -772,11 +768,37 @@ sources:
     }
 
     #[test]
-    fn escapes_markup() {
-        assert_eq!(
-            html_escape("<a href=\"x\">'&'</a>"),
-            "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;"
+    fn status_page_escapes_hostile_names_everywhere() {
+        const HOSTILE: &str = "<script>alert(\"x\" & 'y')</script>";
+        const ESCAPED: &str = "&lt;script&gt;alert(&quot;x&quot; &amp; 'y')&lt;/script&gt;";
+        let mut policy = crate::policy::from_yaml_str(POLICY, "test").unwrap();
+        // Validation keeps names to [A-Za-z0-9_-]; the page does not rely on it. A service, a
+        // source and what it unlocks, the policy's origin, an identity and a problem, hostile.
+        let gate = Gate::new(policy.clone(), Vec::new()).0;
+        gate.record("ha", "203.0.113.5/32".parse().unwrap(), Some(HOSTILE));
+        let service = policy.services.shift_remove("immich").unwrap();
+        policy.services.insert(HOSTILE.into(), service);
+        let mut source = policy.sources.shift_remove("ha").unwrap();
+        source.unlocks = vec![HOSTILE.into(), "jellyfin".into()];
+        policy.sources.insert(HOSTILE.into(), source);
+        policy.origin = HOSTILE.into();
+        let entries: Vec<_> = gate
+            .entries()
+            .into_iter()
+            .map(|(_, e, expires)| (HOSTILE.to_string(), e, expires))
+            .collect();
+        let html = render_status(&policy, &entries, Some(HOSTILE), gate.now());
+        assert!(!html.contains("<script"), "{html}");
+        assert!(!html.contains("\"x\""), "{html}");
+        // The service's id and heading; the source's chip and the identity in both services'
+        // cards; the source's id, heading and unlocks; the problem; the footer's origin.
+        assert_eq!(html.matches(ESCAPED).count(), 11, "{html}");
+        assert!(
+            html.contains(&format!("id=\"service-{ESCAPED}\"")),
+            "{html}"
         );
+        assert!(html.contains(&format!("id=\"source-{ESCAPED}\"")), "{html}");
+        assert!(html.contains(&format!("<span class=\"who\">{ESCAPED}</span>")));
     }
 
     #[tokio::test]
