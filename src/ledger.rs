@@ -447,34 +447,41 @@ impl Ledger {
         removed
     }
 
-    /// Remove every entry that is due at `now` (idle, too old, or past its fixed end).
+    /// Remove every entry that is due at `now` (idle, too old, or past its fixed end), then hold
+    /// every source to its `max_ips` (a no-op here, where every change already does; the shared
+    /// store needs it, where replicas may briefly run different limits). An entry both idle and
+    /// too old is reported by the deadline it passed first, max age on a tie: when expiry runs
+    /// (at once, a tick later, after a restart) must not change the reason.
     pub fn expire(&mut self, now: Millis) -> Vec<Removed> {
         let mut removed = Vec::new();
         for (name, book) in &mut self.books {
             let limits = book.limits;
             book.entries.retain(|_, e| {
-                let idle_due = limits
-                    .idle_ttl
-                    .is_some_and(|t| e.last_seen().saturating_add(ms(t)) <= now);
-                let age_due = limits
-                    .max_age
-                    .is_some_and(|t| e.first_seen.saturating_add(ms(t)) <= now)
-                    || e.until.is_some_and(|u| u <= now);
-                if !idle_due && !age_due {
-                    return true;
-                }
+                let idle_at = limits.idle_ttl.map(|t| e.last_seen().saturating_add(ms(t)));
+                let aged_at = [
+                    limits.max_age.map(|t| e.first_seen.saturating_add(ms(t))),
+                    e.until,
+                ]
+                .into_iter()
+                .flatten()
+                .min();
+                let why = match (idle_at, aged_at) {
+                    (_, Some(aged)) if aged <= now && idle_at.is_none_or(|idle| aged <= idle) => {
+                        Removal::MaxAge
+                    }
+                    (Some(idle), _) if idle <= now => Removal::Idle,
+                    _ => return true,
+                };
                 removed.push(Removed {
                     source: name.clone(),
                     network: e.network,
                     identity: e.identity.clone(),
-                    why: if age_due {
-                        Removal::MaxAge
-                    } else {
-                        Removal::Idle
-                    },
+                    why,
                 });
                 false
             });
+            let max = book.limits.max_ips;
+            removed.extend(book.evict_to(name, max, None));
         }
         removed.sort_by(|a, b| (&a.source, a.network).cmp(&(&b.source, b.network)));
         removed
@@ -721,6 +728,44 @@ mod tests {
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].why, Removal::MaxAge);
         assert_eq!(l.next_due(), None);
+    }
+
+    #[test]
+    fn expiry_reports_the_deadline_passed_first_and_holds_max_ips() {
+        let p = policy("");
+        let mut l = Ledger::new(&p);
+        // More entries than max_ips (2), as a replica with a higher limit may leave them in the
+        // shared store: expiry evicts the least recently seen down to the limit.
+        for (i, t) in [(1, 3 * MIN), (2, MIN), (3, 2 * MIN)] {
+            let network = net(&format!("198.51.100.{i}/32"));
+            let r = Restore {
+                network,
+                first_seen: 0,
+                last_seen: t,
+                hits: 1,
+                identity: None,
+                until: None,
+            };
+            l.restore("ha", r);
+        }
+        let gone = l.expire(4 * MIN);
+        assert_eq!(
+            gone.iter().map(|r| (r.network, r.why)).collect::<Vec<_>>(),
+            vec![(net("198.51.100.2/32"), Removal::Evicted)]
+        );
+        // Idle at 13 min (10 min idle_ttl), past its fixed end at 15 min, looked at only at 20:
+        // idle, as it would have been reported at 13.
+        l.set_until("ha", net("198.51.100.1/32"), Some(15 * MIN));
+        // A fixed end before the idle deadline is the reason, however late expiry runs.
+        l.set_until("ha", net("198.51.100.3/32"), Some(5 * MIN));
+        let gone = l.expire(20 * MIN);
+        assert_eq!(
+            gone.iter().map(|r| (r.network, r.why)).collect::<Vec<_>>(),
+            vec![
+                (net("198.51.100.1/32"), Removal::Idle),
+                (net("198.51.100.3/32"), Removal::MaxAge)
+            ]
+        );
     }
 
     #[test]

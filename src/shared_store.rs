@@ -42,7 +42,8 @@ use crate::policy::RedisStore;
 
 /// Every replica reads the whole shared ledger this often, on top of change messages.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(5);
-/// Refreshes of known clients (last seen, hits) reach Redis this often; expiry runs as often.
+/// Refreshes of known clients reach Redis this often, where they count as seen (on its clock);
+/// expiry runs as often.
 pub const TICK: Duration = Duration::from_secs(1);
 /// Connecting, and each command, may take this long before Redis counts as unreachable.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -93,19 +94,68 @@ local function repair_hits(net)
   local h = redis.call('HGET', hits, net)
   if h and not string.match(h, '^%d+$') then redis.call('HSET', hits, net, 0) end
 end
+-- A network as text that sorts as the Rust ledger orders networks (IPv4 before IPv6, then by
+-- address, then by prefix length): plain text puts 10.0.0.10/32 before 10.0.0.9/32.
+local function net_order(net)
+  local addr, len = string.match(net, '^(.+)/(%d+)$')
+  if not addr then return '0' .. net end
+  len = string.format('%03d', tonumber(len))
+  local function quad(text)
+    local a, b, c, d = string.match(text, '^(%d+)%.(%d+)%.(%d+)%.(%d+)$')
+    if a then return tonumber(a), tonumber(b), tonumber(c), tonumber(d) end
+  end
+  local a, b, c, d = quad(addr)
+  if a then return string.format('4%02x%02x%02x%02x', a, b, c, d) .. len end
+  local head, tail = string.match(addr, '^(.*:)(%d+%.%d+%.%d+%.%d+)$')
+  if head then
+    a, b, c, d = quad(tail)
+    addr = head .. string.format('%x:%x', a * 256 + b, c * 256 + d)
+  end
+  local function groups(part, into)
+    for g in string.gmatch(part, '[^:]+') do
+      table.insert(into, string.format('%04x', tonumber(g, 16) or 0))
+    end
+    return into
+  end
+  local at = string.find(addr, '::', 1, true)
+  local left, right = addr, ''
+  if at then left, right = string.sub(addr, 1, at - 1), string.sub(addr, at + 2) end
+  local all, rest = groups(left, {}), groups(right, {})
+  for _ = 1, 8 - #all - #rest do table.insert(all, '0000') end
+  for _, g in ipairs(rest) do table.insert(all, g) end
+  return '6' .. table.concat(all) .. len
+end
+-- The entry to evict, never `keep`: least recently seen, then first seen earliest, then the
+-- lowest network; the Rust ledger's order (`lru_key`), so both backends evict the same entry.
+local function lru_victim(keep)
+  local two = redis.call('ZRANGE', seen, 0, 1, 'WITHSCORES')
+  local score = two[2]
+  if two[1] == keep then score = two[4] end
+  if not score then return nil end
+  local victim, first, order
+  for _, net in ipairs(redis.call('ZRANGEBYSCORE', seen, score, score)) do
+    if net ~= keep then
+      local m = read_meta(redis.call('HGET', meta, net))
+      local f, o = m and tonumber(m.first_seen) or 0, net_order(net)
+      if not victim or f < first or (f == first and o < order) then
+        victim, first, order = net, f, o
+      end
+    end
+  end
+  return victim
+end
 local function evict(out, max, keep)
   while redis.call('ZCARD', seen) > max do
-    local two = redis.call('ZRANGE', seen, 0, 1)
-    local victim = two[1]
-    if victim == keep then victim = two[2] end
+    local victim = lru_victim(keep)
     if not victim then return end
     drop(out, victim, 'evicted')
   end
 end
 "#;
 
-/// ARGV: network, max_ips, identity ('' none), until ('keep', 'none' or ms), channel, id, how
-/// far ahead (ms) a last-seen time may be before it is replaced.
+/// ARGV: network, max_ips, identity ('' none), until ('keep', 'none', or '+ms': that long from
+/// now on the server's clock), channel, id, how far ahead (ms) a last-seen time may be before it
+/// is replaced.
 /// Returns {status, meta, now, removed…}: status is new, known or reidentified. The time is the
 /// server's, so the LRU order is the order in which grants reached Redis, whatever the replicas'
 /// clocks say.
@@ -125,7 +175,11 @@ else
   m = {first_seen = now}
   if identity ~= '' then m.identity = identity end
 end
-if untl == 'none' then m['until'] = nil elseif untl ~= 'keep' then m['until'] = untl end
+if untl == 'none' then
+  m['until'] = nil
+elseif untl ~= 'keep' then
+  m['until'] = string.format('%.0f', tonumber(now) + tonumber(string.sub(untl, 2)))
+end
 local encoded = cjson.encode(m)
 redis.call('HSET', meta, net, encoded)
 -- A last-seen time far ahead of the server's clock would never expire: replace it.
@@ -143,15 +197,17 @@ if status ~= 'known' or #out > 3 then redis.call('PUBLISH', ARGV[5], ARGV[6]) en
 return out
 "#;
 
-/// ARGV: (network, last seen, new hits)… of entries refreshed on this replica. Entries that are
-/// gone stay gone.
+/// ARGV: (network, new hits)… of entries seen on this replica since its last flush. They count
+/// as seen now, on the server's clock like grants: a replica's own clock, set differently, would
+/// reorder the LRU or postpone (or hasten) idle expiry. Entries that are gone stay gone.
 const LUA_TOUCH: &str = r#"
-for i = 1, #ARGV, 3 do
+local now = server_now()
+for i = 1, #ARGV, 2 do
   if redis.call('ZSCORE', seen, ARGV[i]) then
-    redis.call('ZADD', seen, 'GT', ARGV[i + 1], ARGV[i])
-    if tonumber(ARGV[i + 2]) > 0 then
+    redis.call('ZADD', seen, 'GT', now, ARGV[i])
+    if tonumber(ARGV[i + 1]) > 0 then
       repair_hits(ARGV[i])
-      redis.call('HINCRBY', hits, ARGV[i], ARGV[i + 2])
+      redis.call('HINCRBY', hits, ARGV[i], ARGV[i + 1])
     end
   end
 end
@@ -174,24 +230,34 @@ return out
 "#;
 
 /// ARGV: channel, id, idle_ttl ms ('' none), max_age ms ('' none), max_ips. On the server's
-/// clock, like grants.
+/// clock, like grants. An entry both idle and too old is reported by the deadline it passed
+/// first (max age on a tie), as by the Rust ledger: the reason must not depend on when expiry
+/// happens to run.
 const LUA_EXPIRE: &str = r#"
 local now, idle, age, max = tonumber(server_now()), ARGV[3], ARGV[4], tonumber(ARGV[5])
 local out = {}
+-- When `m` is too old: first seen + max_age, or its fixed end if sooner; nil for never (or an
+-- unreadable meta, left alone: replicas skip the entry; idle expiry still applies).
+local function aged_at(m)
+  if not m then return nil end
+  local at = age ~= '' and tonumber(m.first_seen) + tonumber(age) or nil
+  local untl = m['until'] and tonumber(m['until'])
+  if untl and (not at or untl < at) then at = untl end
+  return at
+end
 if idle ~= '' then
-  for _, net in ipairs(redis.call('ZRANGEBYSCORE', seen, '-inf', now - tonumber(idle))) do
-    drop(out, net, 'idle')
+  local due = redis.call('ZRANGEBYSCORE', seen, '-inf', now - tonumber(idle), 'WITHSCORES')
+  for i = 1, #due, 2 do
+    local aged = aged_at(read_meta(redis.call('HGET', meta, due[i])))
+    local why = 'idle'
+    if aged and aged <= tonumber(due[i + 1]) + tonumber(idle) then why = 'max_age' end
+    drop(out, due[i], why)
   end
 end
 local all = redis.call('HGETALL', meta)
 for i = 1, #all, 2 do
-  -- An unreadable meta is left alone (replicas skip the entry; idle expiry still applies).
-  local m = read_meta(all[i + 1])
-  if m then
-    local old = age ~= '' and tonumber(m.first_seen) + tonumber(age) <= now
-    local ended = m['until'] and tonumber(m['until']) <= now
-    if old or ended then drop(out, all[i], 'max_age') end
-  end
+  local aged = aged_at(read_meta(all[i + 1]))
+  if aged and aged <= now then drop(out, all[i], 'max_age') end
 end
 evict(out, max, nil)
 if #out > 0 then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
@@ -336,6 +402,8 @@ enum Op {
     },
     /// A policy reload: limits may have been lowered.
     Trim,
+    /// Send refreshes, run expiry and read the store now rather than at the next tick.
+    CatchUp(oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// The gate's side of the shared store: a queue to the task that talks to Redis.
@@ -413,6 +481,19 @@ impl Handle {
     /// Apply lowered limits of a reloaded policy in Redis too.
     pub fn trim(&self) {
         let _ = self.tx.try_send(Op::Trim);
+    }
+
+    /// Send this replica's refreshes, run expiry and read the whole store now instead of at the
+    /// next tick; the receiver answers once done, after every operation asked for before. For
+    /// tests (the conformance suite) that step through time and must see the store as it is.
+    pub fn catch_up(&self) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(e) = self.tx.try_send(Op::CatchUp(reply))
+            && let Op::CatchUp(reply) = e.into_inner()
+        {
+            let _ = reply.send(Err(StoreError::Busy));
+        }
+        rx
     }
 }
 
@@ -599,7 +680,7 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
         flushed: HashMap::new(),
         epoch: None,
         skipped: HashMap::new(),
-        expired_here: HashSet::new(),
+        read: HashSet::new(),
     };
     tokio::pin!(stop);
     let client = match redis::Client::open(store.url.as_str()) {
@@ -643,9 +724,7 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
                     None => return,
                 },
                 _ = tick.tick() => {
-                    for r in gate.expire_due() {
-                        worker.expired_here.insert((r.source, r.network));
-                    }
+                    gate.expire_due();
                 }
                 _ = &mut stop => return,
             }
@@ -661,16 +740,19 @@ struct Worker {
     scripts: Scripts,
     /// Revocations Redis does not have yet.
     pending_revokes: Vec<(IpNet, Option<String>)>,
-    /// Per entry, the last seen and hit count last sent to Redis.
+    /// Per entry, the last seen and hit count last sent to (or read from) Redis: either moving
+    /// past it means requests seen here since.
     flushed: HashMap<(String, IpNet), (Millis, u64)>,
     /// The store's epoch when this replica last read it: a different or missing one means Redis
     /// lost its data.
     epoch: Option<String>,
     /// Entries of the last read that were not taken, with why (each is logged once).
     skipped: HashMap<(String, String), String>,
-    /// Entries expired here while Redis was unreachable (already logged and notified): when
-    /// Redis expires them too, they are dropped quietly. Cleared by the next full read.
-    expired_here: HashSet<(String, IpNet)>,
+    /// Entries this replica has read from the store (its last full read, and its own grants
+    /// since). One of them that its copy no longer holds was removed here, and logged and
+    /// notified then (a reload's trim, an expiry while Redis was unreachable): when Redis removes
+    /// it too, it is dropped quietly instead of reported twice.
+    read: HashSet<(String, IpNet)>,
 }
 
 impl Worker {
@@ -752,6 +834,9 @@ impl Worker {
             }
             Op::Revoke { network, source } => self.pending_revokes.push((network, source)),
             Op::Trim => {}
+            Op::CatchUp(reply) => {
+                let _ = reply.send(Err(StoreError::Unreachable));
+            }
         }
     }
 
@@ -788,6 +873,17 @@ impl Worker {
             Op::Trim => {
                 self.expire(con).await?;
                 self.resync(con).await?;
+            }
+            Op::CatchUp(reply) => {
+                let mut done = self.flush_touches(con).await;
+                if done.is_ok() {
+                    done = self.expire(con).await;
+                }
+                if done.is_ok() {
+                    done = self.resync(con).await;
+                }
+                let _ = reply.send(done.clone());
+                done?;
             }
         }
         Ok(())
@@ -876,7 +972,8 @@ impl Worker {
         let until_arg = match until {
             Until::Keep => "keep".to_string(),
             Until::Set(None) => "none".to_string(),
-            Until::Set(Some(ms)) => ms.to_string(),
+            // A fixed end counts from now on the server's clock, not on this replica's.
+            Until::Set(Some(ms)) => format!("+{}", ms.saturating_sub(self.gate.now())),
         };
         let out: Vec<String> = timed(
             "grant",
@@ -914,7 +1011,12 @@ impl Worker {
             identity: meta.identity,
             until: meta.until.and_then(|u| u.parse().ok()),
         };
-        let evicted = removals(source, &out[3..]);
+        let evicted = self.not_removed_here(removals(source, &out[3..]));
+        let key = (source.to_string(), network);
+        // The grant's own time is what Redis says, not a refresh to send back.
+        let sent = self.flushed.entry(key.clone()).or_insert((0, 1));
+        sent.0 = sent.0.max(seen_at);
+        self.read.insert(key);
         self.gate
             .shared_granted(source, entry, status, evicted)
             .ok_or_else(|| StoreError::UnknownSource(source.to_string()))
@@ -973,43 +1075,63 @@ impl Worker {
             .await?;
             removed.extend(removals(name, &out));
         }
-        let (known, removed): (Vec<Removed>, Vec<Removed>) = removed
-            .into_iter()
-            .partition(|r| self.expired_here.contains(&(r.source.clone(), r.network)));
-        if !known.is_empty() {
-            debug!(entries = known.len(), "expired in Redis too");
-            self.gate.shared_forget(known);
-        }
+        let removed = self.not_removed_here(removed);
         if !removed.is_empty() {
             self.gate.shared_removed(removed);
         }
         Ok(())
     }
 
-    /// Send last-seen times and hit counts of entries refreshed here since the last flush.
+    /// Of removals Redis reports, those to log, count and notify here: not those this replica
+    /// already removed itself (see [`Worker::read`]), which are forgotten quietly.
+    fn not_removed_here(&mut self, removed: Vec<Removed>) -> Vec<Removed> {
+        if removed.is_empty() {
+            return removed;
+        }
+        let held: HashSet<(String, IpNet)> = self
+            .gate
+            .entries_restore()
+            .into_iter()
+            .map(|(source, e)| (source, e.network))
+            .collect();
+        let (done, removed): (Vec<Removed>, Vec<Removed>) = removed.into_iter().partition(|r| {
+            let key = (r.source.clone(), r.network);
+            self.read.contains(&key) && !held.contains(&key)
+        });
+        if !done.is_empty() {
+            debug!(
+                entries = done.len(),
+                "removed here already, and in Redis now"
+            );
+            self.gate.shared_forget(done);
+        }
+        for r in &removed {
+            self.read.remove(&(r.source.clone(), r.network));
+        }
+        removed
+    }
+
+    /// Send the entries seen here since the last flush, with their new hits; Redis counts them
+    /// as seen now (its clock, not this replica's: see the script).
     async fn flush_touches(&mut self, con: &mut MultiplexedConnection) -> Result<(), StoreError> {
-        let mut by_source: HashMap<String, Vec<(IpNet, Millis, u64)>> = HashMap::new();
+        let mut by_source: HashMap<String, Vec<(IpNet, u64)>> = HashMap::new();
         let mut seen_now = HashMap::new();
         for (source, entry) in self.gate.entries_restore() {
             let (last_seen, hits) = (entry.last_seen, entry.hits);
             let key = (source.clone(), entry.network);
             let (sent_seen, sent_hits) = self.flushed.get(&key).copied().unwrap_or((0, hits));
             if last_seen > sent_seen || hits > sent_hits {
-                by_source.entry(source).or_default().push((
-                    entry.network,
-                    last_seen,
-                    hits.saturating_sub(sent_hits),
-                ));
+                by_source
+                    .entry(source)
+                    .or_default()
+                    .push((entry.network, hits.saturating_sub(sent_hits)));
             }
             seen_now.insert(key, (last_seen, hits));
         }
         for (source, touched) in by_source {
             let mut invocation = self.scripts.touch.key(&self.keys.of(&source));
-            for (network, last_seen, delta) in &touched {
-                invocation
-                    .arg(network.to_string())
-                    .arg(*last_seen)
-                    .arg(*delta);
+            for (network, delta) in &touched {
+                invocation.arg(network.to_string()).arg(*delta);
             }
             let _: i64 = timed("refresh", invocation.invoke_async(con)).await?;
         }
@@ -1093,8 +1215,11 @@ impl Worker {
                     .insert(key, (local.0.max(e.last_seen), local.1.max(e.hits)));
             }
         }
+        self.read = books
+            .iter()
+            .flat_map(|(name, entries)| entries.iter().map(|e| (name.clone(), e.network)))
+            .collect();
         self.gate.shared_sync(books);
-        self.expired_here.clear();
         Ok(())
     }
 }
