@@ -130,7 +130,8 @@ impl Setup {
 
     /// The state file's entries.
     pub fn state_entries(&self) -> Vec<StateEntry> {
-        read_state(&self.state).unwrap_or_else(|e| panic!("{e}"))
+        // The first state file follows the start; a test that grants nothing can get here first.
+        wait_for("the state file", SOON, || read_state(&self.state))
     }
 }
 
