@@ -23,10 +23,10 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tracing::{debug, error, info};
 
-use crate::cli::short_span;
 use crate::gate::{Gate, GrantError};
 use crate::ledger::{Entry, Millis};
 use crate::policy::{self, Policy, SourceKind};
+use crate::spans::{ago_or_in, short_duration};
 
 /// Longest a grant waits for the state file before it is answered: an acknowledged grant must
 /// survive kill -9, so without the write there is no 201.
@@ -500,17 +500,17 @@ async fn status_page(State(admin): State<Admin>) -> Response {
 
 /// A `<time>` reading "5m ago" or "in 6d 23h", with the exact time as its tooltip.
 fn time_tag(at: Millis, now: Millis) -> Markup {
-    let text = if at <= now {
-        format!("{} ago", short_span((now - at) / 1000))
+    let text = ago_or_in(if at <= now {
+        Err(Duration::from_millis(now - at))
     } else {
-        format!("in {}", short_span((at - now) / 1000))
-    };
+        Ok(Duration::from_millis(at - now))
+    });
     let exact = rfc3339(at);
     html! { time datetime=(exact) title=(exact) { (text) } }
 }
 
 fn duration_text(d: Option<Duration>) -> String {
-    d.map_or_else(|| "never".to_string(), crate::cli::short_duration)
+    d.map_or_else(|| "never".to_string(), short_duration)
 }
 
 const STYLE: &str = "\

@@ -14,6 +14,7 @@ use crate::admin::{self, EntriesJson, EntryJson, ErrorJson, GrantJson, RevokedJs
 use crate::gate::Gate;
 use crate::policy::{self, Location, Policy, PolicyError, SourceKind, TraefikVersion};
 use crate::sinks::traefik_file;
+use crate::spans::{ago_or_in, short_duration};
 use crate::store;
 
 /// Allow-list, per service and for a limited time, the public IP of clients that proved trust on
@@ -272,20 +273,6 @@ fn join(nets: &[ipnet::IpNet]) -> String {
         .map(|n| n.to_string())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// `90s`, `12h`, `7d`: the largest unit that divides the duration.
-pub fn short_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    if d.subsec_millis() != 0 || s == 0 {
-        return format!("{}ms", d.as_millis());
-    }
-    for (unit, secs) in [("d", 86_400), ("h", 3_600), ("m", 60)] {
-        if s % secs == 0 {
-            return format!("{}{unit}", s / secs);
-        }
-    }
-    format!("{s}s")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -605,28 +592,7 @@ fn relative(rfc3339: &str, now: SystemTime) -> String {
     let Ok(at) = humantime::parse_rfc3339(rfc3339) else {
         return rfc3339.to_string();
     };
-    let round = |d: Duration| short_span(d.as_secs());
-    match at.duration_since(now) {
-        Ok(ahead) => format!("in {}", round(ahead)),
-        Err(e) => format!("{} ago", round(e.duration())),
-    }
-}
-
-/// Seconds in two units at most, enough to read at a glance: `42s`, `5m 10s`, `6d 23h`.
-pub fn short_span(s: u64) -> String {
-    let (d, h, m) = (s / 86_400, s % 86_400 / 3_600, s % 3_600 / 60);
-    let parts: Vec<String> = [(d, "d"), (h, "h"), (m, "m"), (s % 60, "s")]
-        .iter()
-        .skip_while(|(n, _)| *n == 0)
-        .take(2)
-        .filter(|(n, _)| *n > 0)
-        .map(|(n, u)| format!("{n}{u}"))
-        .collect();
-    if parts.is_empty() {
-        "0s".to_string()
-    } else {
-        parts.join(" ")
-    }
+    ago_or_in(at.duration_since(now).map_err(|e| e.duration()))
 }
 
 /// The aligned table `gatekeeper list` prints.
@@ -687,11 +653,7 @@ mod operator_tests {
     }
 
     #[test]
-    fn spans_and_tables() {
-        assert_eq!(short_span(0), "0s");
-        assert_eq!(short_span(42), "42s");
-        assert_eq!(short_span(3_600 + 5), "1h");
-        assert_eq!(short_span(7 * 86_400 - 1), "6d 23h");
+    fn entries_table_reads_relative_times() {
         let now = humantime::parse_rfc3339("2025-01-01T12:00:00Z").unwrap();
         let entry = |source: &str, network: &str, expires: Option<&str>| EntryJson {
             source: source.into(),
