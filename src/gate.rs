@@ -27,7 +27,7 @@ use crate::policy::Policy;
 use crate::shared_store::{self, GrantReply, GrantStatus, Until};
 use crate::sinks::traefik_apply::Propagation;
 use crate::sinks::traefik_file;
-use crate::sources::share::{self, ShareState};
+use crate::sources::share::ShareState;
 use crate::store::{self, StoreError, StoredEntry};
 
 /// Writes of the outputs are at least this far apart, so churn cannot turn into a write storm
@@ -256,7 +256,7 @@ impl Gate {
                 changes: watch::Sender::new(0),
                 persisted: watch::Sender::new(0),
                 written: watch::Sender::new(0),
-                http: share::http_client(),
+                http: crate::outbound::http_client(),
                 metrics: Metrics::default(),
                 output_error: Mutex::new(None),
                 writing: Mutex::new(None),

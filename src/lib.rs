@@ -15,6 +15,8 @@
 //!   effective allow list of every service. Pure: the clock is passed in.
 //! - [`metrics`]: counters and gauges for `/metrics`.
 //! - [`notify`]: fire-and-forget notifications of grants, expiries, revocations and bans.
+//! - [`outbound`]: the one HTTP client for requests gatekeeper makes (checks, Traefik's API,
+//!   notifications): no redirects, no proxy from the environment.
 //! - [`store`]: the state file that keeps the ledger across restarts.
 //! - [`sinks`]: pure renderers of a snapshot (`traefik_file`, Traefik's KV layout in
 //!   `traefik_redis` with its writer task) and the atomic file writer.
@@ -32,7 +34,7 @@
 //!   `list` and the status page alike.
 //!
 //! `tests/module_graph.rs` reads the imports: the one group of modules that still import each
-//! other in a circle (gate, shared_store, sources::share, notify) may only shrink.
+//! other in a circle (gate, shared_store, sources::share) may only shrink.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -46,6 +48,7 @@ pub mod labels;
 pub mod ledger;
 pub mod metrics;
 pub mod notify;
+pub mod outbound;
 pub mod policy;
 pub mod server;
 pub mod shared_store;

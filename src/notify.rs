@@ -144,7 +144,7 @@ impl Notifier {
     pub fn start(notify: &Notify) -> Option<Notifier> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        let client = crate::sources::share::http_client();
+        let client = crate::outbound::http_client();
         let bans = Arc::new(BanLimiter::default());
         runtime.spawn(deliver(notify.clone(), client, rx, bans.clone()));
         Some(Notifier {

@@ -524,19 +524,6 @@ pub enum Verdict {
     Unreachable(String),
 }
 
-/// The HTTP client for checks: no redirects followed, no proxy from the environment, bounded
-/// connect time. One per process; timeouts are set per request.
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(3))
-        .pool_idle_timeout(Duration::from_secs(30))
-        .user_agent(concat!("gatekeeper/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
-}
-
 /// Ask the upstream about `url`. The body is never read: only the status matters, and an
 /// upstream answering 100 MB must not cost memory.
 pub async fn ask(client: &reqwest::Client, url: reqwest::Url, check: &ShareCheck) -> Verdict {
