@@ -14,22 +14,35 @@ use serde_json::Value;
 
 const COMPOSE_FILES: &[&str] = &["compose.yaml", "compose.ha.yaml"];
 
-/// `docker-compose -f FILE config`, parsed; fails on any warning or error it prints.
+/// `docker-compose -f FILE config` (Compose v1), parsed; fails on any warning or error it prints.
 fn config(file: &str) -> Value {
-    let compose = tool("docker-compose", "apt-get install -y docker-compose");
-    let out = Command::new(compose)
-        .args(["--no-ansi", "-f", file, "config"])
+    let mut v1 = Command::new(tool("docker-compose", "apt-get install -y docker-compose"));
+    v1.arg("--no-ansi");
+    read_config(v1, "docker-compose", file)
+}
+
+/// `docker compose -f FILE config` (Compose v2), parsed; fails on any warning or error it prints.
+fn config_v2(file: &str) -> Value {
+    let mut v2 = Command::new(tool("docker", "apt-get install -y docker.io"));
+    v2.arg("compose");
+    read_config(v2, "docker compose (.ci/run installs Compose v2)", file)
+}
+
+/// `COMPOSE -f FILE config` run in deploy/, parsed; fails on any warning or error it prints.
+fn read_config(mut compose: Command, what: &str, file: &str) -> Value {
+    let out = compose
+        .args(["-f", file, "config"])
         .current_dir(deploy_dir())
         .output()
-        .expect("run docker-compose");
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "docker-compose config refused {file}:\n{stderr}"
+        "{what} config refused {file}:\n{stderr}"
     );
     assert!(
         !stderr.to_lowercase().contains("warn") && !stderr.contains("ERROR"),
-        "docker-compose config complained about {file}:\n{stderr}"
+        "{what} config complained about {file}:\n{stderr}"
     );
     yaml(&String::from_utf8_lossy(&out.stdout))
 }
@@ -86,24 +99,8 @@ fn every_compose_file_parses_without_an_interpolation_error() {
 /// same labels as v1. (tests/docker.rs runs compose.yaml with v2 and Traefik routes by them.)
 #[test]
 fn compose_v2_reads_every_compose_file_as_v1_does() {
-    let docker = tool("docker", "apt-get install -y docker.io");
     for file in COMPOSE_FILES {
-        let out = Command::new(&docker)
-            .args(["compose", "-f", file, "config"])
-            .current_dir(deploy_dir())
-            .output()
-            .expect("run docker compose");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "docker compose config refused {file} (.ci/run installs Compose v2):\n{stderr}"
-        );
-        assert!(
-            !stderr.to_lowercase().contains("warn"),
-            "docker compose config complained about {file}:\n{stderr}"
-        );
-        let v2 = yaml(&String::from_utf8_lossy(&out.stdout));
-        let mut v2_labels = labels(&v2);
+        let mut v2_labels = labels(&config_v2(file));
         let mut v1_labels = labels(&config(file));
         v2_labels.sort();
         v1_labels.sort();

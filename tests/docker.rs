@@ -24,7 +24,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::proxies::tool;
+use common::proxies::{tail, tool};
+use common::wait_for_every;
 
 /// Where the compose files expect the engine (they mount it into Traefik).
 const ENGINE_SOCKET: &str = "/var/run/docker.sock";
@@ -111,12 +112,6 @@ fn step<T>(what: &str, started: Instant, f: impl FnOnce() -> T) -> T {
 // Commands
 // ---------------------------------------------------------------------------------------------
 
-/// The last `n` lines of `text`.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// Runs `cmd`; its stdout and stderr together, or why it failed.
 fn try_run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd
@@ -144,22 +139,21 @@ fn run(cmd: &mut Command) -> String {
     try_run(cmd).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A container's address on its (one) network.
+fn container_address(container: &str) -> String {
+    let format = "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}";
+    run(docker().args(["inspect", "-f", format, container]))
+        .trim()
+        .to_string()
+}
+
 fn docker() -> Command {
     Command::new(tool("docker", "apt-get install -y docker.io"))
 }
 
-/// Polls `check` every 250 ms until it returns `Ok`, or panics after `timeout` with what it saw.
-fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match check() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {timeout:?} waiting for {what}; last seen: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
-    }
+/// [`common::wait_for`] every 250 ms: each check here starts a process (curl, docker).
+fn eventually<T>(what: &str, timeout: Duration, check: impl FnMut() -> Result<T, String>) -> T {
+    wait_for_every(Duration::from_millis(250), what, timeout, check)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -622,13 +616,7 @@ fn legacy(work: &Path) {
         .arg(format!("{}:/app/dynamic-whitelist.yml", file.display()))
         .arg(IMAGE));
     let result = std::panic::catch_unwind(|| {
-        let addr = run(docker().args([
-            "inspect",
-            "-f",
-            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-            name,
-        ]));
-        let url = format!("http://{}:5000/", addr.trim());
+        let url = format!("http://{}:5000/", container_address(name));
         // From the host, i.e. the bridge's gateway: a private address, which legacy mode trusts.
         eventually("legacy mode to take a mirrored request", EVENTUALLY, || {
             try_run(Command::new(tool("curl", "apt-get install -y curl")).args([
@@ -779,10 +767,7 @@ impl Project {
 
     /// The address of a container on the compose network.
     fn address(&self, container: &str) -> String {
-        let format = "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}";
-        run(docker().args(["inspect", "-f", format, container]))
-            .trim()
-            .to_string()
+        container_address(container)
     }
 
     /// Fails if Traefik logged an error or worse.

@@ -32,7 +32,13 @@ pub const SOON: Duration = Duration::from_secs(10);
 
 /// Poll `check` every [`POLL`] until it returns `Ok` or `timeout` passes; then panic with `what`
 /// and the last `Err` (what was observed instead).
-pub fn wait_for<T>(
+pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Result<T, String>) -> T {
+    wait_for_every(POLL, what, timeout, check)
+}
+
+/// [`wait_for`], polling every `interval` (for checks that start a process each time).
+pub fn wait_for_every<T>(
+    interval: Duration,
     what: &str,
     timeout: Duration,
     mut check: impl FnMut() -> Result<T, String>,
@@ -44,7 +50,7 @@ pub fn wait_for<T>(
             Err(seen) if Instant::now() >= deadline => {
                 panic!("timed out after {timeout:?} waiting for {what}; last seen: {seen}")
             }
-            Err(_) => std::thread::sleep(POLL),
+            Err(_) => std::thread::sleep(interval),
         }
     }
 }

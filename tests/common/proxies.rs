@@ -196,7 +196,7 @@ fn send_signal(pid: u32, signal: &str) {
 }
 
 /// The last `lines` lines of a log, for failure messages.
-fn tail(text: &str, lines: usize) -> String {
+pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
