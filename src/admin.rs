@@ -470,11 +470,10 @@ async fn metrics(State(admin): State<Admin>) -> Response {
         .collect();
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        admin.gate.metrics().render(
-            &by_source,
-            &by_service,
-            admin.gate.shared().map(|s| s.is_up()),
-        ),
+        admin
+            .gate
+            .metrics()
+            .render(&by_source, &by_service, admin.gate.backend_up()),
     )
         .into_response()
 }

@@ -13,8 +13,9 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::gate::{self, Gate};
+use crate::ledger::now_millis;
 use crate::policy::{self, Location, Policy};
-use crate::{admin, http, server};
+use crate::{admin, http, server, shared_store};
 
 /// The bound listeners: the proxy-facing one and the admin one.
 pub struct Listeners {
@@ -61,9 +62,9 @@ pub async fn run(
     // With a shared store the ledger lives in Redis; the state file is neither read nor written.
     let entries = if policy.redis.is_some() {
         gate::prepare_outputs(&policy)?;
-        Vec::new()
+        None
     } else {
-        gate::load_state(&policy)?
+        Some(gate::load_state(&policy)?)
     };
     let token = admin::load_token(&policy)?;
     if policy.legacy {
@@ -74,11 +75,21 @@ pub async fn run(
              run `gatekeeper check` to print the equivalent policy file and move to it"
         );
     }
-    let (gate, restored) = Gate::new(policy, entries);
-    for why in &restored.dropped {
-        warn!("state entry not restored: {why}");
-    }
-    info!(entries = restored.kept, "state restored");
+    let (gate, shared) = match entries {
+        Some(entries) => {
+            let (gate, restored) = Gate::new(policy, entries);
+            for why in &restored.dropped {
+                warn!("state entry not restored: {why}");
+            }
+            info!(entries = restored.kept, "state restored");
+            (gate, None)
+        }
+        None => {
+            let (gate, handle) = shared_store::gate(policy, now_millis)
+                .ok_or_else(|| anyhow::anyhow!("the policy has no redis: section"))?;
+            (gate, Some(handle))
+        }
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -100,21 +111,21 @@ pub async fn run(
         })
     };
     // The shared store's task expires entries (in Redis, or locally while it is unreachable).
-    let expiry = match gate.shared() {
+    let expiry = match &shared {
         None => {
             let (gate, stopped) = (gate.clone(), stopped.clone());
             supervisor.spawn("expiry task", OnFailure::Restart, move || {
                 gate.clone().run_expiry(stopped())
             })
         }
-        Some(_) => {
-            let (gate, stopped) = (gate.clone(), stopped.clone());
+        Some(handle) => {
+            let (gate, handle, stopped) = (gate.clone(), handle.clone(), stopped.clone());
             supervisor.spawn("shared store task", OnFailure::Stop, move || {
-                crate::shared_store::run(gate.clone(), stopped())
+                shared_store::run(gate.clone(), handle.clone(), stopped())
             })
         }
     };
-    if let Some(shared) = gate.shared() {
+    if let Some(shared) = &shared {
         let url = &shared.shown_url;
         if tokio::time::timeout(Duration::from_secs(3), shared.synced())
             .await

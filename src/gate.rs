@@ -24,10 +24,10 @@ use crate::metrics::Metrics;
 use crate::notify::{Event, Notifier};
 use crate::policy::EventKind;
 use crate::policy::Policy;
-use crate::shared_store::{self, GrantReply, GrantStatus, Until};
+use crate::redis_io::StoreError as SharedError;
 use crate::sinks::traefik_apply::Propagation;
 use crate::sinks::traefik_file;
-use crate::sources::share::ShareState;
+use crate::sources::share::state::ShareState;
 use crate::store::{self, StoreError, StoredEntry};
 
 /// Writes of the outputs are at least this far apart, so churn cannot turn into a write storm
@@ -120,8 +120,9 @@ struct Inner {
     shown_changes: watch::Sender<u64>,
     /// Problems other parts report for `/healthz` (the KV sink, the shared store), by part.
     problems: Mutex<BTreeMap<&'static str, String>>,
-    /// The shared ledger on Redis, when the policy has `redis:` (fixed until a restart).
-    shared: Option<shared_store::Handle>,
+    /// Where the ledger of record is: here (the state file), or the shared store on Redis
+    /// (fixed until a restart).
+    backend: Arc<dyn Backend>,
     /// Client for share checks and Traefik API polls.
     http: reqwest::Client,
     /// Counters for `/metrics`.
@@ -138,8 +139,111 @@ struct Inner {
 pub enum Durable {
     /// Durable once the state file holds this change.
     Change(u64),
-    /// Durable when the shared store answers.
-    Shared(tokio::sync::oneshot::Receiver<GrantReply>),
+    /// Durable when the ledger of record answers (the shared store).
+    Pending(tokio::sync::oneshot::Receiver<GrantReply>),
+}
+
+/// What the ledger of record did with a grant, once applied to the gate's copy: the change
+/// counter to wait on with [`Gate::written`], or why nothing was granted.
+pub type GrantReply = Result<u64, SharedError>;
+
+/// What a grant script found: the entry is new, was there, or was there under another identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantStatus {
+    /// A new entry.
+    New,
+    /// Refreshed.
+    Known,
+    /// Refreshed, with another identity (its lists may differ).
+    Reidentified,
+}
+
+/// How a grant's fixed end changes.
+#[derive(Debug, Clone, Copy)]
+pub enum Until {
+    /// Leave it (a client's request).
+    Keep,
+    /// Set it (an operator's grant; `None` clears it).
+    Set(Option<Millis>),
+}
+
+/// Who asks for a grant.
+#[derive(Debug, Clone, Copy)]
+pub enum By {
+    /// A client that proved trust (its request).
+    Client,
+    /// An operator (the admin API), for at most `ttl` when given: the entry ends at `until`.
+    Operator {
+        /// As asked for, for the log.
+        ttl: Option<Duration>,
+        /// The fixed end it sets (`None` clears it).
+        until: Option<Millis>,
+    },
+}
+
+/// A grant to make in the ledger of record.
+#[derive(Debug, Clone, Copy)]
+pub struct Grant<'a> {
+    /// The source it is granted through.
+    pub source: &'a str,
+    /// The network granted (already checked grantable).
+    pub network: IpNet,
+    /// Who proved trust (a certificate's name), if known.
+    pub identity: Option<&'a str>,
+    /// A client or an operator.
+    pub by: By,
+}
+
+impl Grant<'_> {
+    /// How the grant changes the entry's fixed end.
+    pub fn until(&self) -> Until {
+        match self.by {
+            By::Client => Until::Keep,
+            By::Operator { until, .. } => Until::Set(until),
+        }
+    }
+}
+
+/// Where the ledger of record lives: in this process and its state file ([`LocalBackend`]), or
+/// in the shared store on Redis (`shared_store::Handle`). The gate keeps a copy that decisions
+/// read without waiting and hands every change that must reach the record to its backend; it
+/// never asks which one it has.
+pub trait Backend: Send + Sync {
+    /// Make `grant` (a new client, a known one under another identity, an operator's grant) in
+    /// the record. `None`: the policy has no such source.
+    fn grant(&self, gate: &Gate, active: &Active, grant: Grant<'_>) -> Option<(Recorded, Durable)>;
+    /// The gate revoked `network` (from `source`, or every source) in its copy: revoke it in the
+    /// record too.
+    fn revoke(&self, network: IpNet, source: Option<&str>);
+    /// A reloaded policy removed `removed` from the copy (and may have lowered limits): make
+    /// the record follow.
+    fn reloaded(&self, removed: &[Removed]);
+    /// The state file's bytes for `ledger`, when the state file is the record.
+    fn state_file(&self, ledger: &Ledger) -> Option<Vec<u8>>;
+    /// Can the record be reached now? `None`: it is in this process.
+    fn up(&self) -> Option<bool>;
+}
+
+/// The ledger of record is the gate's own, kept in the state file.
+#[derive(Debug, Default)]
+pub struct LocalBackend;
+
+impl Backend for LocalBackend {
+    fn grant(&self, gate: &Gate, active: &Active, grant: Grant<'_>) -> Option<(Recorded, Durable)> {
+        gate.grant_here(active, grant)
+    }
+
+    fn revoke(&self, _: IpNet, _: Option<&str>) {}
+
+    fn reloaded(&self, _: &[Removed]) {}
+
+    fn state_file(&self, ledger: &Ledger) -> Option<Vec<u8>> {
+        Some(store::encode(ledger))
+    }
+
+    fn up(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// Why an operator's grant was refused.
@@ -199,6 +303,21 @@ impl Gate {
         entries: Vec<StoredEntry>,
         clock: fn() -> Millis,
     ) -> (Gate, Restored) {
+        Self::build(policy, entries, Arc::new(LocalBackend), clock)
+    }
+
+    /// A gate whose ledger of record is `backend`, elsewhere (the shared store): its copy starts
+    /// empty and the backend fills it.
+    pub fn with_backend(policy: Policy, backend: Arc<dyn Backend>, clock: fn() -> Millis) -> Gate {
+        Self::build(policy, Vec::new(), backend, clock).0
+    }
+
+    fn build(
+        policy: Policy,
+        entries: Vec<StoredEntry>,
+        backend: Arc<dyn Backend>,
+        clock: fn() -> Millis,
+    ) -> (Gate, Restored) {
         let active = Active::new(policy);
         let mut ledger = Ledger::new(&active.policy);
         let mut restored = Restored::default();
@@ -241,7 +360,6 @@ impl Gate {
         }
         restored.kept = ledger.entries().len();
         let snapshot = Arc::new(ledger.snapshot(&active.policy));
-        let shared = active.policy.redis.as_ref().map(shared_store::Handle::new);
         let gate = Gate {
             inner: Arc::new(Inner {
                 active: ArcSwap::from_pointee(active),
@@ -252,7 +370,7 @@ impl Gate {
                 snapshot: ArcSwap::new(snapshot),
                 shown_changes: watch::Sender::new(0),
                 problems: Mutex::new(BTreeMap::new()),
-                shared,
+                backend,
                 changes: watch::Sender::new(0),
                 persisted: watch::Sender::new(0),
                 written: watch::Sender::new(0),
@@ -387,27 +505,55 @@ impl Gate {
             ));
         }
         let active = self.active();
-        if let Some(shared) = &self.inner.shared {
-            active.policy.sources.get(source)?;
-            let reply = shared.grant(source, network, identity, Until::Keep);
-            return Some((Recorded::Pending, Durable::Shared(reply)));
-        }
+        active.policy.sources.get(source)?;
+        let grant = Grant {
+            source,
+            network,
+            identity,
+            by: By::Client,
+        };
+        self.inner.backend.grant(self, &active, grant)
+    }
+
+    /// Make `grant` in the gate's own ledger ([`LocalBackend`]): logged, counted and notified.
+    fn grant_here(&self, active: &Active, grant: Grant<'_>) -> Option<(Recorded, Durable)> {
+        let Grant {
+            source,
+            network,
+            identity,
+            by,
+        } = grant;
         let mut ledger = self.ledger();
-        let recorded = ledger.record(source, network, now, identity)?;
-        let generation = match &recorded {
-            Recorded::Pending => unreachable!("the local ledger answers at once"),
-            Recorded::Known => *self.inner.changes.borrow(),
-            Recorded::Reidentified => {
+        let recorded = ledger.record(source, network, self.now(), identity)?;
+        let generation = match by {
+            By::Client => match &recorded {
+                Recorded::Pending => unreachable!("the local ledger answers at once"),
+                Recorded::Known => *self.inner.changes.borrow(),
+                Recorded::Reidentified => {
+                    let generation = self.publish(&active.policy, &ledger);
+                    drop(ledger);
+                    info!(source, %network, identity, "identity changed");
+                    generation
+                }
+                Recorded::New { evicted } => {
+                    let generation = self.publish(&active.policy, &ledger);
+                    drop(ledger);
+                    self.granted(active, source, network, identity);
+                    self.removed(active, evicted);
+                    generation
+                }
+            },
+            By::Operator { ttl, until } => {
+                ledger.set_until(source, network, until);
                 let generation = self.publish(&active.policy, &ledger);
                 drop(ledger);
-                info!(source, %network, identity, "identity changed");
-                generation
-            }
-            Recorded::New { evicted } => {
-                let generation = self.publish(&active.policy, &ledger);
-                drop(ledger);
-                self.granted(&active, source, network, identity);
-                self.removed(&active, evicted);
+                if let Recorded::New { evicted } = &recorded {
+                    let services = &active.policy.sources[source].unlocks;
+                    info!(source, %network, ?services, ?ttl, "granted by an operator");
+                    self.inner.metrics.grant(source);
+                    self.notify(active, EventKind::Grant, source, network, None);
+                    self.removed(active, evicted);
+                }
                 generation
             }
         };
@@ -485,12 +631,7 @@ impl Gate {
         self.inner.active.store(active.clone());
         self.publish(&active.policy, &ledger);
         drop(ledger);
-        if let Some(shared) = &self.inner.shared {
-            for r in removed.iter().filter(|r| r.why == Removal::Revoked) {
-                shared.revoke(r.network, Some(&r.source));
-            }
-            shared.trim();
-        }
+        self.inner.backend.reloaded(&removed);
         self.removed(&active, &removed);
         removed
     }
@@ -517,28 +658,19 @@ impl Gate {
             .client_ip
             .grantable_network(network)
             .map_err(GrantError::NotGrantable)?;
-        let now = self.now();
-        let until = ttl.map(|t| now.saturating_add(t.as_millis() as Millis));
-        if let Some(shared) = &self.inner.shared {
-            info!(source, %network, ?ttl, "grant by an operator sent to the shared store");
-            let reply = shared.grant(source, network, None, Until::Set(until));
-            return Ok(Durable::Shared(reply));
-        }
-        let mut ledger = self.ledger();
-        let recorded = ledger
-            .record(source, network, now, None)
+        let until = ttl.map(|t| self.now().saturating_add(t.as_millis() as Millis));
+        let grant = Grant {
+            source,
+            network,
+            identity: None,
+            by: By::Operator { ttl, until },
+        };
+        let (_, durable) = self
+            .inner
+            .backend
+            .grant(self, &active, grant)
             .ok_or_else(|| GrantError::UnknownSource(source.to_string()))?;
-        ledger.set_until(source, network, until);
-        let generation = self.publish(&active.policy, &ledger);
-        drop(ledger);
-        if let Recorded::New { evicted } = &recorded {
-            let services = &active.policy.sources[source].unlocks;
-            info!(source, %network, ?services, ?ttl, "granted by an operator");
-            self.inner.metrics.grant(source);
-            self.notify(&active, EventKind::Grant, source, network, None);
-            self.removed(&active, evicted);
-        }
-        Ok(Durable::Change(generation))
+        Ok(durable)
     }
 
     /// Revoke `network` from `source` (every source when `None`).
@@ -550,9 +682,7 @@ impl Gate {
             self.publish(&active.policy, &ledger);
         }
         drop(ledger);
-        if let Some(shared) = &self.inner.shared {
-            shared.revoke(network, source);
-        }
+        self.inner.backend.revoke(network, source);
         self.removed(&active, &removed);
         removed
     }
@@ -634,7 +764,7 @@ impl Gate {
     /// Wait until a grant is durable: in the state file, or in the shared store and the local
     /// copy. Returns the change counter to wait on with [`Gate::written`], or why the grant was
     /// not made (the shared store refused or could not be reached).
-    pub async fn persisted(&self, durable: Durable) -> Result<u64, shared_store::StoreError> {
+    pub async fn persisted(&self, durable: Durable) -> GrantReply {
         match durable {
             Durable::Change(generation) => {
                 let mut rx = self.inner.persisted.subscribe();
@@ -642,15 +772,13 @@ impl Gate {
                 let _ = rx.wait_for(|g| *g >= generation).await;
                 Ok(generation)
             }
-            Durable::Shared(reply) => reply
-                .await
-                .unwrap_or(Err(shared_store::StoreError::Stopped)),
+            Durable::Pending(reply) => reply.await.unwrap_or(Err(SharedError::Stopped)),
         }
     }
 
-    /// The shared store, when the policy has `redis:`.
-    pub fn shared(&self) -> Option<&shared_store::Handle> {
-        self.inner.shared.as_ref()
+    /// Can the ledger of record be reached now? `None`: it is this process's own.
+    pub fn backend_up(&self) -> Option<bool> {
+        self.inner.backend.up()
     }
 
     /// A grant the shared store made, with what it evicted, applied to the local copy; logged,
@@ -979,7 +1107,7 @@ impl OutputWriter {
             (
                 // With a shared store there is no state file: entries reach the local ledger
                 // only once Redis holds them.
-                gate.inner.shared.is_none().then(|| store::encode(&ledger)),
+                gate.inner.backend.state_file(&ledger),
                 gate.snapshot(),
                 *gate.inner.changes.borrow(),
                 entries,

@@ -24,8 +24,8 @@
 //! sent once Redis is back; `/healthz` and `gatekeeper_redis_up` report it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
@@ -36,9 +36,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::gate::{self, Active, Gate};
-use crate::ledger::{Millis, Removal, Removed, Restore};
-use crate::policy::RedisStore;
+use crate::gate::{
+    self, Active, Backend, By, Durable, Gate, Grant, GrantReply, GrantStatus, Until,
+};
+use crate::ledger::{Ledger, Millis, Recorded, Removal, Removed, Restore};
+use crate::policy::{Policy, RedisStore};
+use crate::redis_io::{StoreError, timed_for};
 
 /// Every replica reads the whole shared ledger this often, on top of change messages.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(5);
@@ -301,91 +304,15 @@ impl Meta {
     }
 }
 
-/// What a grant script found: the entry is new, was there, or was there under another identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GrantStatus {
-    /// A new entry.
-    New,
-    /// Refreshed.
-    Known,
-    /// Refreshed, with another identity (its lists may differ).
-    Reidentified,
-}
-
-impl GrantStatus {
-    fn parse(word: &str) -> Option<GrantStatus> {
-        match word {
-            "new" => Some(GrantStatus::New),
-            "known" => Some(GrantStatus::Known),
-            "reidentified" => Some(GrantStatus::Reidentified),
-            _ => None,
-        }
+/// What a grant script's first word says it found.
+fn grant_status(word: &str) -> Option<GrantStatus> {
+    match word {
+        "new" => Some(GrantStatus::New),
+        "known" => Some(GrantStatus::Known),
+        "reidentified" => Some(GrantStatus::Reidentified),
+        _ => None,
     }
 }
-
-/// How a grant's fixed end changes.
-#[derive(Debug, Clone, Copy)]
-pub enum Until {
-    /// Leave it (a client's request).
-    Keep,
-    /// Set it (an operator's grant; `None` clears it).
-    Set(Option<Millis>),
-}
-
-/// Why the shared store did not do something (its first variants also say why a call to
-/// Traefik's KV failed). Cloned to every waiter of a failed grant.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum StoreError {
-    /// A command failed (connection refused or dropped, a script error).
-    #[error("{what}: {message}")]
-    Redis {
-        /// The step: connect, grant, resync…
-        what: &'static str,
-        /// Redis's (or the client's) words.
-        message: String,
-    },
-    /// A command got no answer in time.
-    #[error("{what}: no answer within {after:?}")]
-    Timeout {
-        /// The step.
-        what: &'static str,
-        /// How long it was given.
-        after: Duration,
-    },
-    /// An answer gatekeeper's own script should never give.
-    #[error("{what}: unexpected answer {answer}")]
-    Unexpected {
-        /// The step.
-        what: &'static str,
-        /// The answer, as read.
-        answer: String,
-    },
-    /// Redis could not be reached when the grant was asked for; nothing was kept.
-    #[error("the shared store (Redis) is unreachable")]
-    Unreachable,
-    /// More grants wait for Redis than the queue holds.
-    #[error("too many grants waiting for Redis")]
-    Busy,
-    /// The grant waited longer than [`STALE_GRANT`] and was dropped rather than applied late.
-    #[error("waited too long for the shared store")]
-    Stale,
-    /// The policy (reloaded meanwhile) has no such source.
-    #[error("no source `{0}` in the policy")]
-    UnknownSource(String),
-    /// Redis was emptied while connected (its epoch changed).
-    #[error("the shared store lost its data (its epoch changed)")]
-    Lost,
-    /// The subscription to change messages ended.
-    #[error("pub/sub connection closed")]
-    SubscriptionClosed,
-    /// The task that talks to Redis is gone (shutdown).
-    #[error("the shared store task stopped")]
-    Stopped,
-}
-
-/// What the store did with a grant, once applied locally: the change counter to wait on with
-/// [`Gate::written`], or why nothing was granted.
-pub type GrantReply = Result<u64, StoreError>;
 
 enum Op {
     Grant {
@@ -443,7 +370,7 @@ impl Handle {
     }
 
     /// Ask for a grant; the receiver answers once it is in Redis and in the local copy.
-    pub fn grant(
+    fn send_grant(
         &self,
         source: &str,
         network: IpNet,
@@ -468,7 +395,7 @@ impl Handle {
     }
 
     /// Send a revocation (already applied locally); kept until Redis has it.
-    pub fn revoke(&self, network: IpNet, source: Option<&str>) {
+    fn send_revoke(&self, network: IpNet, source: Option<&str>) {
         let op = Op::Revoke {
             network,
             source: source.map(str::to_string),
@@ -479,7 +406,7 @@ impl Handle {
     }
 
     /// Apply lowered limits of a reloaded policy in Redis too.
-    pub fn trim(&self) {
+    fn trim(&self) {
         let _ = self.tx.try_send(Op::Trim);
     }
 
@@ -495,6 +422,44 @@ impl Handle {
         }
         rx
     }
+}
+
+impl Backend for Handle {
+    fn grant(&self, _: &Gate, _: &Active, grant: Grant<'_>) -> Option<(Recorded, Durable)> {
+        if let By::Operator { ttl, .. } = grant.by {
+            let (source, network) = (grant.source, grant.network);
+            info!(source, %network, ?ttl, "grant by an operator sent to the shared store");
+        }
+        let reply = self.send_grant(grant.source, grant.network, grant.identity, grant.until());
+        Some((Recorded::Pending, Durable::Pending(reply)))
+    }
+
+    fn revoke(&self, network: IpNet, source: Option<&str>) {
+        self.send_revoke(network, source);
+    }
+
+    fn reloaded(&self, removed: &[Removed]) {
+        for r in removed.iter().filter(|r| r.why == Removal::Revoked) {
+            self.send_revoke(r.network, Some(&r.source));
+        }
+        self.trim();
+    }
+
+    fn state_file(&self, _: &Ledger) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn up(&self) -> Option<bool> {
+        Some(self.is_up())
+    }
+}
+
+/// A gate whose ledger of record is the shared store `policy.redis` names, with the handle that
+/// [`run`] serves; `None` when the policy has no `redis:`.
+pub fn gate(policy: Policy, clock: fn() -> Millis) -> Option<(Gate, Arc<Handle>)> {
+    let handle = Arc::new(Handle::new(policy.redis.as_ref()?));
+    let gate = Gate::with_backend(policy, handle.clone(), clock);
+    Some((gate, handle))
 }
 
 struct Keys {
@@ -632,23 +597,6 @@ impl Found<'_> {
     }
 }
 
-/// Run a call to Redis (this store, or Traefik's KV) for at most `after`, naming the step `what`
-/// when it fails: a server that accepts connections but never answers must not stall anything.
-pub(crate) async fn timed_for<T>(
-    what: &'static str,
-    after: Duration,
-    f: impl Future<Output = redis::RedisResult<T>>,
-) -> Result<T, StoreError> {
-    match tokio::time::timeout(after, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(StoreError::Redis {
-            what,
-            message: e.to_string(),
-        }),
-        Err(_) => Err(StoreError::Timeout { what, after }),
-    }
-}
-
 /// [`timed_for`] with [`COMMAND_TIMEOUT`].
 async fn timed<T>(
     what: &'static str,
@@ -657,9 +605,8 @@ async fn timed<T>(
     timed_for(what, COMMAND_TIMEOUT, f).await
 }
 
-/// The task that talks to Redis for `gate`, until `stop` resolves.
-pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
-    let Some(handle) = gate.shared() else { return };
+/// The task that talks to Redis for `gate` through `handle`, until `stop` resolves.
+pub async fn run(gate: Gate, handle: Arc<Handle>, stop: impl Future<Output = ()>) {
     let Some(mut ops) = handle.rx.lock().ok().and_then(|mut rx| rx.take()) else {
         return;
     };
@@ -673,6 +620,7 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
     let id = format!("{}-{}", std::process::id(), crate::ledger::now_millis());
     let mut worker = Worker {
         gate: gate.clone(),
+        handle: handle.clone(),
         keys,
         id,
         scripts: Scripts::new(),
@@ -735,6 +683,7 @@ pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
 
 struct Worker {
     gate: Gate,
+    handle: Arc<Handle>,
     keys: Keys,
     id: String,
     scripts: Scripts,
@@ -782,8 +731,7 @@ impl Worker {
         self.check_epoch(&mut con).await?;
         self.expire(&mut con).await?;
         self.resync(&mut con).await?;
-        let gate = self.gate.clone();
-        let handle = gate.shared().expect("shared store");
+        let (gate, handle) = (self.gate.clone(), self.handle.clone());
         if !handle.up.swap(true, Ordering::Relaxed) {
             info!(store = %handle.shown_url, "shared store reachable; ledger synced");
         }
@@ -991,7 +939,7 @@ impl Worker {
         )
         .await?;
         let parsed = match out.as_slice() {
-            [status, meta, seen_at, ..] => GrantStatus::parse(status)
+            [status, meta, seen_at, ..] => grant_status(status)
                 .zip(seen_at.parse::<Millis>().ok())
                 .map(|(status, seen_at)| (status, Meta::parse(meta).unwrap_or_default(), seen_at)),
             _ => None,

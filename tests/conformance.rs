@@ -22,6 +22,7 @@ use std::time::Duration;
 use gatekeeper::gate::{Durable, Gate};
 use gatekeeper::ledger::{Ledger, Millis, now_millis};
 use gatekeeper::policy::{Policy, from_yaml_str};
+use gatekeeper::shared_store::{self, Handle};
 use gatekeeper::store::{self, StoredEntry};
 use ipnet::IpNet;
 use tokio::sync::oneshot;
@@ -485,22 +486,31 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Removals {
 /// A replica on Redis: its gate and the task that talks to the store.
 struct Replica {
     gate: Gate,
+    handle: Arc<Handle>,
     stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
 
 impl Replica {
     async fn start(policy: Policy) -> Replica {
-        let (gate, _) = Gate::with_clock(policy, Vec::new(), skewed_clock);
+        let (gate, handle) = shared_store::gate(policy, skewed_clock).expect("redis in the policy");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(gatekeeper::shared_store::run(gate.clone(), async move {
-            let _ = stopped.await;
-        }));
-        let synced = gate.shared().expect("redis in the policy").synced();
-        tokio::time::timeout(Duration::from_secs(10), synced)
+        let task = tokio::spawn(shared_store::run(
+            gate.clone(),
+            handle.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        tokio::time::timeout(Duration::from_secs(10), handle.synced())
             .await
             .expect("the replica never read the store");
-        Replica { gate, stop, task }
+        Replica {
+            gate,
+            handle,
+            stop,
+            task,
+        }
     }
 
     async fn stop(self) {
@@ -513,7 +523,7 @@ impl Replica {
     async fn catch_up(&self) {
         let mut last = String::new();
         for _ in 0..200 {
-            match self.gate.shared().expect("redis").catch_up().await {
+            match self.handle.catch_up().await {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => last = e.to_string(),
                 Err(_) => last = "the store task stopped".to_string(),
@@ -585,7 +595,7 @@ impl Runner<'_> {
     }
 
     async fn durable(&self, what: &str, durable: Durable) {
-        if let Durable::Shared(_) = durable {
+        if let Durable::Pending(_) = durable {
             self.gate
                 .persisted(durable)
                 .await

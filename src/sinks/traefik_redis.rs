@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 use crate::gate::{Gate, MIN_WRITE_GAP, RETRY_AFTER};
 use crate::ledger::Snapshot;
 use crate::policy::{Traefik, TraefikRedis};
-use crate::shared_store::{StoreError, timed_for};
+use crate::redis_io::{StoreError, timed_for};
 use crate::sinks::traefik_file;
 
 /// The name this sink reports its health under (`/healthz`) and logs with.

@@ -114,7 +114,9 @@ impl Setup {
 
     /// The Traefik file's allow lists, once it exists.
     pub fn lists(&self) -> Lists {
-        read_lists(&self.traefik).unwrap_or_else(|e| panic!("{e}"))
+        // The first Traefik file follows the start; a test that grants nothing can get here
+        // first (seen on a loaded machine in tests/admin.rs).
+        wait_for("the Traefik file", SOON, || read_lists(&self.traefik))
     }
 
     /// Wait until `check` accepts the Traefik file's allow lists.
