@@ -34,7 +34,7 @@ const PERSIST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Shared state of the admin routes.
 #[derive(Clone)]
-pub struct Admin {
+pub(crate) struct Admin {
     gate: Gate,
     /// The API's bearer token; `None` turns the API off.
     token: Option<String>,
@@ -61,7 +61,7 @@ pub enum TokenError {
 
 /// The admin token: `admin.token` (`GATEKEEPER_ADMIN__TOKEN`) wins over `admin.token_file`;
 /// neither means the API is off.
-pub fn load_token(policy: &Policy) -> Result<Option<String>, TokenError> {
+pub(crate) fn load_token(policy: &Policy) -> Result<Option<String>, TokenError> {
     if let Some(t) = &policy.admin.token {
         return Ok(Some(t.clone()));
     }
@@ -87,7 +87,7 @@ fn read_token(path: &Path) -> Result<String, TokenError> {
 
 /// The admin router: health, metrics and the status page open; the entries API behind the
 /// bearer token (or off, without one).
-pub fn router(gate: Gate, token: Option<String>) -> Router {
+pub(crate) fn router(gate: Gate, token: Option<String>) -> Router {
     let admin = Admin { gate, token };
     let api = Router::new()
         .route("/api/v1/entries", get(list).post(grant))
@@ -111,7 +111,7 @@ pub fn router(gate: Gate, token: Option<String>) -> Router {
 /// What the API answers instead of a result. The message is the whole body (`{"error": ..}`):
 /// it names the bad value, never an internal detail.
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// No bearer token, or not the configured one.
     #[error("missing or wrong bearer token")]
     Unauthorized,
@@ -150,9 +150,9 @@ impl ApiError {
 
 /// The body of every API error.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorJson {
+pub(crate) struct ErrorJson {
     /// What went wrong, in words.
-    pub error: String,
+    pub(crate) error: String,
 }
 
 impl IntoResponse for ApiError {
@@ -212,63 +212,63 @@ fn same_token(given: &[u8], token: &[u8]) -> bool {
 
 /// One entry as the API shows it. Times are RFC 3339 (UTC, seconds).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EntryJson {
+pub(crate) struct EntryJson {
     /// The source that granted it.
-    pub source: String,
+    pub(crate) source: String,
     /// The allowed network.
-    pub network: String,
+    pub(crate) network: String,
     /// Who proved trust, when the source knows.
-    pub identity: Option<String>,
+    pub(crate) identity: Option<String>,
     /// When it was first granted.
-    pub first_seen: String,
+    pub(crate) first_seen: String,
     /// When it was last seen.
-    pub last_seen: String,
+    pub(crate) last_seen: String,
     /// When it expires, or `null` for never.
-    pub expires: Option<String>,
+    pub(crate) expires: Option<String>,
     /// Requests seen.
-    pub hits: u64,
+    pub(crate) hits: u64,
 }
 
 /// `GET /api/v1/entries`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EntriesJson {
+pub(crate) struct EntriesJson {
     /// Every entry, in source order then network order.
-    pub entries: Vec<EntryJson>,
+    pub(crate) entries: Vec<EntryJson>,
 }
 
 /// An entry that a `DELETE` removed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RemovedJson {
+pub(crate) struct RemovedJson {
     /// The source it belonged to.
-    pub source: String,
+    pub(crate) source: String,
     /// The network.
-    pub network: String,
+    pub(crate) network: String,
     /// Its identity, if known.
-    pub identity: Option<String>,
+    pub(crate) identity: Option<String>,
 }
 
 /// `DELETE /api/v1/entries/{address}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RevokedJson {
+pub(crate) struct RevokedJson {
     /// What was removed (at least one entry).
-    pub removed: Vec<RemovedJson>,
+    pub(crate) removed: Vec<RemovedJson>,
 }
 
 /// `POST /api/v1/entries`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GrantJson {
+pub(crate) struct GrantJson {
     /// The source to grant through.
-    pub source: String,
+    pub(crate) source: String,
     /// An address or CIDR network.
-    pub address: String,
+    pub(crate) address: String,
     /// End the grant after this long at the latest (`1h`, `7d`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ttl: Option<String>,
+    pub(crate) ttl: Option<String>,
 }
 
 /// RFC 3339 in UTC to the second, as the API and the status page show times.
-pub fn rfc3339(at: Millis) -> String {
+pub(crate) fn rfc3339(at: Millis) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(at)).to_string()
 }
 
@@ -287,7 +287,7 @@ fn entry_json(source: &str, e: &Entry, expires: Option<Millis>) -> EntryJson {
 /// An address as an operator writes it: a CIDR network (host bits cleared), an IPv4 address as
 /// its /32, an IPv6 address as its `ipv6_prefix` network (what a client with that address is
 /// granted, since phones rotate addresses inside it).
-pub fn parse_address(s: &str, ipv6_prefix: u8) -> Result<IpNet, String> {
+pub(crate) fn parse_address(s: &str, ipv6_prefix: u8) -> Result<IpNet, String> {
     let t = s.trim();
     if let Ok(ip) = t.parse::<IpAddr>() {
         // The network a client at this address is granted: its /64 (ipv6_prefix), its /32, or
@@ -557,7 +557,7 @@ footer{max-width:760px;margin:0 auto;padding:8px 16px 28px;color:var(--muted);fo
 /// The status page for `policy` and its `entries` (source, entry, expiry) at `now`. maud escapes
 /// every value spliced in: source, service and identity names come from the policy and from
 /// clients.
-pub fn render_status(
+pub(crate) fn render_status(
     policy: &Policy,
     entries: &[(String, Entry, Option<Millis>)],
     problem: Option<&str>,

@@ -250,7 +250,8 @@ pub(crate) fn read_regular(path: &Path) -> io::Result<Found<Vec<u8>>> {
 
 impl WriteError {
     /// The OS error behind this failure, if there is one.
-    pub fn io_error(&self) -> Option<&io::Error> {
+    #[cfg(test)]
+    pub(crate) fn io_error(&self) -> Option<&io::Error> {
         match self {
             Self::NoFileName { .. } => None,
             Self::Directory { error, .. }
@@ -329,7 +330,7 @@ pub fn write_if_changed_unwatched(path: &Path, bytes: &[u8]) -> Result<Written, 
 
 /// [`write_if_changed`] for a file only its owner may read (the state file): created 0600, and an
 /// existing file readable or writable by others is tightened, with a warning once per path.
-pub fn write_private_if_changed(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
+pub(crate) fn write_private_if_changed(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
     write_if_changed_in(path, bytes, TempPlace::Beside, Access::Private)
 }
 
@@ -387,7 +388,8 @@ fn needs_tightening(path: &Path, access: Access) -> bool {
 /// Replaces `path` with `bytes` crash-safely: temp file in the same directory, fsync, rename,
 /// fsync of the directory. Falls back to an in-place rewrite (with a one-time warning) where a
 /// single-file bind mount makes that impossible; see [`Written`].
-pub fn write(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
+#[cfg(test)]
+pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<Written, WriteError> {
     let _guard = lock();
     write_locked(path, bytes, TempPlace::Beside, Access::Default)
 }

@@ -25,7 +25,7 @@ pub struct Cli {
     /// Policy file [default: $GATEKEEPER_CONFIG, else ./gatekeeper.yaml; without one, the legacy
     /// variables MAX_IP_LEN / DEFAULT_SOURCE_RANGE are used]
     #[arg(long, global = true, value_name = "PATH")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 
     /// Log format (the level is set with RUST_LOG, default info)
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -121,7 +121,7 @@ pub fn check(location: &Location, env: &BTreeMap<String, String>) -> Result<Stri
 }
 
 /// The human summary of a valid policy.
-pub fn summary(policy: &Policy) -> String {
+pub(crate) fn summary(policy: &Policy) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -280,9 +280,9 @@ fn join(nets: &[ipnet::IpNet]) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// How long `health` waits for an answer (a container HEALTHCHECK must not hang).
-pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the other operator commands wait (a grant waits for the state file).
-pub const API_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const API_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Why an operator command failed; every message is meant to be read as is.
 #[derive(Debug, thiserror::Error)]
@@ -334,7 +334,7 @@ pub enum ClientError {
 
 /// A connection to the admin API of the daemon that `--config` describes.
 #[derive(Debug)]
-pub struct AdminClient {
+pub(crate) struct AdminClient {
     addr: SocketAddr,
     base: url::Url,
     token: Option<String>,
@@ -344,7 +344,7 @@ pub struct AdminClient {
 
 /// Where to connect for a listen address: an unspecified one (`0.0.0.0`, `::`) listens on
 /// loopback too.
-pub fn connect_addr(listen: SocketAddr) -> SocketAddr {
+pub(crate) fn connect_addr(listen: SocketAddr) -> SocketAddr {
     match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, listen.port()).into(),
         IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, listen.port()).into(),
@@ -355,7 +355,7 @@ pub fn connect_addr(listen: SocketAddr) -> SocketAddr {
 impl AdminClient {
     /// A client for the admin listener of the policy at `location`; with its token unless
     /// `with_token` is false (`health` needs none, so an unreadable token file cannot fail it).
-    pub fn from_policy(
+    pub(crate) fn from_policy(
         location: &Location,
         env: &BTreeMap<String, String>,
         with_token: bool,
@@ -390,11 +390,6 @@ impl AdminClient {
             http,
             timeout,
         })
-    }
-
-    /// The admin address asked.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 
     fn url(&self, segments: &[&str]) -> url::Url {
@@ -469,7 +464,7 @@ impl AdminClient {
     }
 
     /// `GET /api/v1/entries`: the raw JSON and the entries.
-    pub async fn entries(&self) -> Result<(String, Vec<EntryJson>), ClientError> {
+    pub(crate) async fn entries(&self) -> Result<(String, Vec<EntryJson>), ClientError> {
         let res = self
             .send(self.http.get(self.url(&["api", "v1", "entries"])))
             .await?;
@@ -479,7 +474,7 @@ impl AdminClient {
     }
 
     /// `POST /api/v1/entries`: the entry as granted.
-    pub async fn grant(&self, grant: &GrantJson) -> Result<EntryJson, ClientError> {
+    pub(crate) async fn grant(&self, grant: &GrantJson) -> Result<EntryJson, ClientError> {
         let req = self
             .http
             .post(self.url(&["api", "v1", "entries"]))
@@ -489,7 +484,7 @@ impl AdminClient {
     }
 
     /// `DELETE /api/v1/entries/{address}?source=`: what was removed.
-    pub async fn revoke(
+    pub(crate) async fn revoke(
         &self,
         address: &str,
         source: Option<&str>,
@@ -503,7 +498,7 @@ impl AdminClient {
     }
 
     /// `GET /healthz`: its body when 200, [`ClientError::Unhealthy`] with the reason otherwise.
-    pub async fn health(&self) -> Result<String, ClientError> {
+    pub(crate) async fn health(&self) -> Result<String, ClientError> {
         let res = self.send(self.http.get(self.url(&["healthz"]))).await?;
         let status = res.status();
         let text = res.text().await.map_err(|e| self.transport(e))?;
@@ -596,7 +591,7 @@ fn relative(rfc3339: &str, now: SystemTime) -> String {
 }
 
 /// The aligned table `gatekeeper list` prints.
-pub fn entries_table(entries: &[EntryJson], now: SystemTime) -> String {
+pub(crate) fn entries_table(entries: &[EntryJson], now: SystemTime) -> String {
     if entries.is_empty() {
         return "no entries\n".to_string();
     }

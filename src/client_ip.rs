@@ -94,14 +94,14 @@ pub enum Refusal {
 
 /// Maps `::ffff:a.b.c.d` to `a.b.c.d`, so that a dual-stack socket and an IPv4 socket see the
 /// same client, and IPv4 ranges match it.
-pub fn normalise(ip: IpAddr) -> IpAddr {
+pub(crate) fn normalise(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
 /// Maps an IPv4-mapped network `::ffff:a.b.c.d/n` with `n >= 96` to `a.b.c.d/(n-96)`, as
 /// [`normalise`] does for addresses, so that it is judged, stored and rendered as the IPv4
 /// range it stands for; clears host bits. Any other network is returned as is.
-pub fn normalise_network(network: IpNet) -> IpNet {
+pub(crate) fn normalise_network(network: IpNet) -> IpNet {
     let network = network.trunc();
     match network {
         IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.network().to_ipv4_mapped() {
@@ -205,7 +205,7 @@ impl ClientIp {
     }
 
     /// The same resolver, refusing every network that overlaps one of the `never_grant` ranges.
-    pub fn with_never_grant(mut self, never_grant: Vec<IpNet>) -> Self {
+    pub(crate) fn with_never_grant(mut self, never_grant: Vec<IpNet>) -> Self {
         self.never_grant = never_grant.into_iter().map(normalise_network).collect();
         self
     }
@@ -223,7 +223,7 @@ impl ClientIp {
     /// [`Refusal::Malformed`] rather than skipped: right of the client they can only come from
     /// a trusted proxy that did not know its peer, and skipping them would take the next
     /// address to the left, which the client may have forged.
-    pub fn resolve<'a>(
+    pub(crate) fn resolve<'a>(
         &self,
         peer: IpAddr,
         xff: impl IntoIterator<Item = &'a http::HeaderValue>,
@@ -278,7 +278,7 @@ impl ClientIp {
     ///
     /// A `never_grant` refusal is a deployment problem (a proxy in front hides client
     /// addresses), so it is warned about once per client address.
-    pub fn grantable(&self, client: IpAddr) -> Result<IpNet, Refusal> {
+    pub(crate) fn grantable(&self, client: IpAddr) -> Result<IpNet, Refusal> {
         let client = normalise(client);
         let result = self.client_grantable(client);
         if let Err(Refusal::NeverGrant(range)) = &result {
@@ -340,7 +340,7 @@ impl ClientIp {
     /// Returns it normalised ([`normalise_network`]): an IPv4-mapped network is judged as the
     /// IPv4 range it stands for. Inside a translation prefix the network may span at most an
     /// IPv4 /16 (a /112), and the IPv4 range it embeds is judged as an IPv4 grant.
-    pub fn grantable_network(&self, network: IpNet) -> Result<IpNet, Refusal> {
+    pub(crate) fn grantable_network(&self, network: IpNet) -> Result<IpNet, Refusal> {
         let network = normalise_network(network);
         if let IpNet::V6(v6) = network {
             if v6.prefix_len() < MAPPED.prefix_len() && v6.contains(&MAPPED) {
@@ -441,7 +441,7 @@ impl ClientIp {
 /// The network a (normalised) client address stands for: IPv4 as a /32, IPv6 as its
 /// `ipv6_prefix` network (clamped to 128), since phones rotate addresses inside it; an address
 /// inside a translation prefix (NAT64, Teredo) as itself, since its /64 is other people.
-pub fn client_network(client: IpAddr, ipv6_prefix: u8) -> IpNet {
+pub(crate) fn client_network(client: IpAddr, ipv6_prefix: u8) -> IpNet {
     let prefix = match client {
         IpAddr::V4(_) => 32,
         IpAddr::V6(v6) if Translation::of(v6).is_some() => 128,

@@ -20,9 +20,9 @@ use crate::{admin, http, server, shared_store};
 /// The bound listeners: the proxy-facing one and the admin one.
 pub struct Listeners {
     /// `listen`.
-    pub proxy: TcpListener,
+    pub(crate) proxy: TcpListener,
     /// `admin.listen`.
-    pub admin: TcpListener,
+    pub(crate) admin: TcpListener,
 }
 
 impl Listeners {
@@ -48,7 +48,7 @@ pub struct PolicySource {
 }
 
 /// How often the policy file is compared with the running policy's text.
-pub const POLICY_POLL: Duration = Duration::from_secs(2);
+pub(crate) const POLICY_POLL: Duration = Duration::from_secs(2);
 
 /// Run gatekeeper on bound `listeners` until `shutdown` resolves. The state file is read first:
 /// one that cannot be read stops the start with an error naming it. The policy is reloaded from
@@ -299,7 +299,7 @@ fn survive_file_size_limit(supervisor: &Supervisor) {
 
 /// What happens when a background task panics, or returns before shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnFailure {
+pub(crate) enum OnFailure {
     /// Start it again after a moment; a task that fails more than [`MAX_RESTARTS`] times within
     /// [`RESTART_WINDOW`] stops gatekeeper instead.
     Restart,
@@ -308,9 +308,9 @@ pub enum OnFailure {
 }
 
 /// How many restarts within [`RESTART_WINDOW`] a task gets before gatekeeper stops.
-pub const MAX_RESTARTS: usize = 3;
+pub(crate) const MAX_RESTARTS: usize = 3;
 /// See [`MAX_RESTARTS`].
-pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+pub(crate) const RESTART_WINDOW: Duration = Duration::from_secs(60);
 /// A failed task is restarted this long after it failed.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
 
@@ -319,7 +319,7 @@ const RESTART_DELAY: Duration = Duration::from_secs(1);
 /// (see [`OnFailure`]). A short-lived task (a connection, a body drain) is not supervised: its
 /// panic ends only that request.
 #[derive(Clone)]
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     gate: crate::gate::Gate,
     /// True once shutdown began: a task that returns then is done, not failed.
     stopping: watch::Receiver<bool>,
@@ -330,7 +330,7 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// A supervisor reporting to `gate`'s health; `stopping` turns true at shutdown.
-    pub fn new(gate: crate::gate::Gate, stopping: watch::Receiver<bool>) -> Self {
+    pub(crate) fn new(gate: crate::gate::Gate, stopping: watch::Receiver<bool>) -> Self {
         Supervisor {
             gate,
             stopping,
@@ -340,13 +340,13 @@ impl Supervisor {
     }
 
     /// Becomes `Some(why)` when a task failed and gatekeeper must stop.
-    pub fn failed(&self) -> watch::Receiver<Option<String>> {
+    pub(crate) fn failed(&self) -> watch::Receiver<Option<String>> {
         self.failed.subscribe()
     }
 
     /// Run the task `start` makes, named `name` in logs and on `/healthz`, until shutdown;
     /// `start` is called again for each restart. The handle resolves when the task is done.
-    pub fn spawn<F, Fut>(
+    pub(crate) fn spawn<F, Fut>(
         &self,
         name: &'static str,
         on_failure: OnFailure,

@@ -32,32 +32,32 @@ use crate::store::{self, StoreError, StoredEntry};
 
 /// Writes of the outputs are at least this far apart, so churn cannot turn into a write storm
 /// (at most 20 writes a second), while a lone change is written at once.
-pub const MIN_WRITE_GAP: Duration = Duration::from_millis(50);
+pub(crate) const MIN_WRITE_GAP: Duration = Duration::from_millis(50);
 /// Last-seen refreshes, which wake nothing, reach the state file this often.
-pub const STATE_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const STATE_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
 /// After a failed write, try again this soon.
-pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// The policy in force with what is derived from it; swapped as one piece.
 #[derive(Debug)]
 pub struct Active {
     /// The policy.
-    pub policy: Policy,
+    pub(crate) policy: Policy,
     /// The client-address rules derived from it.
-    pub client_ip: ClientIp,
+    pub(crate) client_ip: ClientIp,
     /// Mirror host → source name.
-    pub mirror_hosts: HashMap<String, String>,
+    pub(crate) mirror_hosts: HashMap<String, String>,
     /// The legacy catch-all mirror source, if any.
-    pub catch_all: Option<String>,
+    pub(crate) catch_all: Option<String>,
     /// Runtime state (throttle, cache, concurrency) of each share source.
-    pub shares: HashMap<String, Arc<ShareState>>,
+    pub(crate) shares: HashMap<String, Arc<ShareState>>,
     /// Where notifications go, when the policy asks for them.
-    pub notifier: Option<Notifier>,
+    pub(crate) notifier: Option<Notifier>,
 }
 
 impl Active {
     /// Derive everything the request paths need from `policy`.
-    pub fn new(policy: Policy) -> Self {
+    pub(crate) fn new(policy: Policy) -> Self {
         let client_ip = ClientIp::new(
             policy.trusted_proxies.clone(),
             policy.all_always_allow(),
@@ -109,8 +109,6 @@ struct Inner {
     changes: watch::Sender<u64>,
     /// The highest change counter known to be in the state file.
     persisted: watch::Sender<u64>,
-    /// The highest change counter known to be in the Traefik file (or every change, without one).
-    written: watch::Sender<u64>,
     /// What the proxy is shown (Traefik file, HTTP provider): only what the state file holds,
     /// with the change counter up to which every grant is in it.
     shown: ArcSwap<(Arc<Snapshot>, u64)>,
@@ -143,13 +141,13 @@ pub enum Durable {
     Pending(tokio::sync::oneshot::Receiver<GrantReply>),
 }
 
-/// What the ledger of record did with a grant, once applied to the gate's copy: the change
-/// counter to wait on with [`Gate::written`], or why nothing was granted.
-pub type GrantReply = Result<u64, SharedError>;
+/// What the ledger of record did with a grant, once applied to the gate's copy: its change
+/// counter, or why nothing was granted.
+pub(crate) type GrantReply = Result<u64, SharedError>;
 
 /// What a grant script found: the entry is new, was there, or was there under another identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GrantStatus {
+pub(crate) enum GrantStatus {
     /// A new entry.
     New,
     /// Refreshed.
@@ -160,7 +158,7 @@ pub enum GrantStatus {
 
 /// How a grant's fixed end changes.
 #[derive(Debug, Clone, Copy)]
-pub enum Until {
+pub(crate) enum Until {
     /// Leave it (a client's request).
     Keep,
     /// Set it (an operator's grant; `None` clears it).
@@ -169,7 +167,7 @@ pub enum Until {
 
 /// Who asks for a grant.
 #[derive(Debug, Clone, Copy)]
-pub enum By {
+pub(crate) enum By {
     /// A client that proved trust (its request).
     Client,
     /// An operator (the admin API), for at most `ttl` when given: the entry ends at `until`.
@@ -183,20 +181,20 @@ pub enum By {
 
 /// A grant to make in the ledger of record.
 #[derive(Debug, Clone, Copy)]
-pub struct Grant<'a> {
+pub(crate) struct Grant<'a> {
     /// The source it is granted through.
-    pub source: &'a str,
+    pub(crate) source: &'a str,
     /// The network granted (already checked grantable).
-    pub network: IpNet,
+    pub(crate) network: IpNet,
     /// Who proved trust (a certificate's name), if known.
-    pub identity: Option<&'a str>,
+    pub(crate) identity: Option<&'a str>,
     /// A client or an operator.
-    pub by: By,
+    pub(crate) by: By,
 }
 
 impl Grant<'_> {
     /// How the grant changes the entry's fixed end.
-    pub fn until(&self) -> Until {
+    pub(crate) fn until(&self) -> Until {
         match self.by {
             By::Client => Until::Keep,
             By::Operator { until, .. } => Until::Set(until),
@@ -208,7 +206,7 @@ impl Grant<'_> {
 /// in the shared store on Redis (`shared_store::Handle`). The gate keeps a copy that decisions
 /// read without waiting and hands every change that must reach the record to its backend; it
 /// never asks which one it has.
-pub trait Backend: Send + Sync {
+pub(crate) trait Backend: Send + Sync {
     /// Make `grant` (a new client, a known one under another identity, an operator's grant) in
     /// the record. `None`: the policy has no such source.
     fn grant(&self, gate: &Gate, active: &Active, grant: Grant<'_>) -> Option<(Recorded, Durable)>;
@@ -226,7 +224,7 @@ pub trait Backend: Send + Sync {
 
 /// The ledger of record is the gate's own, kept in the state file.
 #[derive(Debug, Default)]
-pub struct LocalBackend;
+pub(crate) struct LocalBackend;
 
 impl Backend for LocalBackend {
     fn grant(&self, gate: &Gate, active: &Active, grant: Grant<'_>) -> Option<(Recorded, Durable)> {
@@ -276,7 +274,7 @@ fn wider_than_an_operator_grant(network: IpNet) -> bool {
 
 /// A write of an output that takes longer than this shows on `/healthz` as stuck (a FIFO or a
 /// hung network mount at the output path).
-pub const STUCK_WRITE: Duration = Duration::from_secs(10);
+pub(crate) const STUCK_WRITE: Duration = Duration::from_secs(10);
 
 /// What the output writer is writing now, and since when.
 type Writing = Option<(PathBuf, std::time::Instant)>;
@@ -285,7 +283,7 @@ type Writing = Option<(PathBuf, std::time::Instant)>;
 #[derive(Debug, Default)]
 pub struct Restored {
     /// Entries back in the ledger.
-    pub kept: usize,
+    pub(crate) kept: usize,
     /// Entries dropped, with why (unknown source, expired, over the limit, no longer grantable).
     pub dropped: Vec<String>,
 }
@@ -308,7 +306,11 @@ impl Gate {
 
     /// A gate whose ledger of record is `backend`, elsewhere (the shared store): its copy starts
     /// empty and the backend fills it.
-    pub fn with_backend(policy: Policy, backend: Arc<dyn Backend>, clock: fn() -> Millis) -> Gate {
+    pub(crate) fn with_backend(
+        policy: Policy,
+        backend: Arc<dyn Backend>,
+        clock: fn() -> Millis,
+    ) -> Gate {
         Self::build(policy, Vec::new(), backend, clock).0
     }
 
@@ -373,7 +375,6 @@ impl Gate {
                 backend,
                 changes: watch::Sender::new(0),
                 persisted: watch::Sender::new(0),
-                written: watch::Sender::new(0),
                 http: crate::outbound::http_client(),
                 metrics: Metrics::default(),
                 output_error: Mutex::new(None),
@@ -396,12 +397,12 @@ impl Gate {
 
     /// What the proxy is shown: the snapshot of the last Traefik file, which never holds a grant
     /// the state file lacks. Decisions (`/allow`) use [`Gate::snapshot`] instead.
-    pub fn shown(&self) -> Arc<Snapshot> {
+    pub(crate) fn shown(&self) -> Arc<Snapshot> {
         self.inner.shown.load().0.clone()
     }
 
     /// [`Gate::shown`] with the change counter up to which every grant is in it.
-    pub fn shown_with_generation(&self) -> (Arc<Snapshot>, u64) {
+    pub(crate) fn shown_with_generation(&self) -> (Arc<Snapshot>, u64) {
         let shown = self.inner.shown.load();
         (shown.0.clone(), shown.1)
     }
@@ -412,19 +413,19 @@ impl Gate {
     }
 
     /// What gatekeeper knows of when Traefik applies what the sinks wrote.
-    pub fn propagation(&self) -> &Propagation {
+    pub(crate) fn propagation(&self) -> &Propagation {
         &self.inner.propagation
     }
 
     /// Wakes whenever what the proxy is shown ([`Gate::shown`]) was swapped, for sinks that
     /// render it elsewhere.
-    pub fn watch_shown(&self) -> watch::Receiver<u64> {
+    pub(crate) fn watch_shown(&self) -> watch::Receiver<u64> {
         self.inner.shown_changes.subscribe()
     }
 
     /// Report the health of `part` (`None`: healthy); `/healthz` lists every unhealthy part.
     /// A change is logged once.
-    pub fn report(&self, part: &'static str, problem: Option<String>) {
+    pub(crate) fn report(&self, part: &'static str, problem: Option<String>) {
         let mut problems = self
             .inner
             .problems
@@ -447,7 +448,7 @@ impl Gate {
 
     /// Everything unhealthy now: failing or stuck outputs and what other parts reported, one
     /// line each.
-    pub fn problems(&self) -> Vec<String> {
+    pub(crate) fn problems(&self) -> Vec<String> {
         let mut all: Vec<String> = self
             .output_error()
             .map(|e| format!("outputs failing: {e}"))
@@ -470,7 +471,7 @@ impl Gate {
     }
 
     /// The current time on the gate's clock.
-    pub fn now(&self) -> Millis {
+    pub(crate) fn now(&self) -> Millis {
         (self.inner.clock)()
     }
 
@@ -701,7 +702,7 @@ impl Gate {
     }
 
     /// Send a notification of `kind`, if the policy asks for them. Never waits.
-    pub fn notify(
+    pub(crate) fn notify(
         &self,
         active: &Active,
         kind: EventKind,
@@ -762,8 +763,8 @@ impl Gate {
     }
 
     /// Wait until a grant is durable: in the state file, or in the shared store and the local
-    /// copy. Returns the change counter to wait on with [`Gate::written`], or why the grant was
-    /// not made (the shared store refused or could not be reached).
+    /// copy. Returns the grant's change counter (what the proxy is shown follows it), or why
+    /// the grant was not made (the shared store refused or could not be reached).
     pub async fn persisted(&self, durable: Durable) -> GrantReply {
         match durable {
             Durable::Change(generation) => {
@@ -777,7 +778,7 @@ impl Gate {
     }
 
     /// Can the ledger of record be reached now? `None`: it is this process's own.
-    pub fn backend_up(&self) -> Option<bool> {
+    pub(crate) fn backend_up(&self) -> Option<bool> {
         self.inner.backend.up()
     }
 
@@ -883,24 +884,18 @@ impl Gate {
             .collect()
     }
 
-    /// Wait until the Traefik file holds change `generation`.
-    pub async fn written(&self, generation: u64) {
-        let mut rx = self.inner.written.subscribe();
-        let _ = rx.wait_for(|g| *g >= generation).await;
-    }
-
     /// The counters for `/metrics`.
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
 
     /// The HTTP client for upstream checks.
-    pub fn http_client(&self) -> &reqwest::Client {
+    pub(crate) fn http_client(&self) -> &reqwest::Client {
         &self.inner.http
     }
 
     /// The last output failure, if the outputs are currently failing.
-    pub fn output_error(&self) -> Option<String> {
+    pub(crate) fn output_error(&self) -> Option<String> {
         self.inner
             .output_error
             .lock()
@@ -917,7 +912,7 @@ impl Gate {
     }
 
     /// The output being written for [`STUCK_WRITE`] or longer, and for how long.
-    pub fn stuck_write(&self) -> Option<(PathBuf, Duration)> {
+    pub(crate) fn stuck_write(&self) -> Option<(PathBuf, Duration)> {
         let writing = self
             .inner
             .writing
@@ -940,7 +935,7 @@ impl Gate {
     }
 
     /// Expire entries when they are due, with no request needed, until `shutdown` resolves.
-    pub async fn run_expiry(self, shutdown: impl Future<Output = ()>) {
+    pub(crate) async fn run_expiry(self, shutdown: impl Future<Output = ()>) {
         let mut changes = self.inner.changes.subscribe();
         tokio::pin!(shutdown);
         loop {
@@ -964,7 +959,7 @@ impl Gate {
     /// Write the outputs (state file, then Traefik file) whenever the ledger changes, at once when
     /// idle and at most every [`MIN_WRITE_GAP`] under churn; flush last-seen refreshes every
     /// [`STATE_FLUSH_INTERVAL`]; flush once more when `shutdown` resolves.
-    pub async fn run_outputs(self, shutdown: impl Future<Output = ()>) {
+    pub(crate) async fn run_outputs(self, shutdown: impl Future<Output = ()>) {
         let mut changes = self.inner.changes.subscribe();
         // Whatever the ledger holds now was restored from the state file.
         let mut writer = OutputWriter {
@@ -1155,7 +1150,6 @@ impl OutputWriter {
         gate.inner.shown_changes.send_modify(|n| *n += 1);
         let snapshot = shown;
 
-        let mut written = true;
         if let Some(path) = &policy.traefik.file {
             let yaml = traefik_file::render(&snapshot, &policy.traefik, &policy.origin);
             let yaml = (path.clone(), yaml);
@@ -1188,16 +1182,12 @@ impl OutputWriter {
                     }
                     Err(e) => {
                         gate.inner.metrics.write("traefik", "error");
-                        written = false;
                         errors.push(e.to_string());
                     }
                 }
             } else {
                 gate.inner.propagation.file.unchanged(shown_generation);
             }
-        }
-        if written {
-            publish_at_least(&gate.inner.written, generation);
         }
 
         let was_failing = gate.output_error().is_some();
@@ -1220,14 +1210,14 @@ impl OutputWriter {
 
 /// Read the state file named by `policy`, creating the directories the outputs need. Errors name
 /// the file or directory.
-pub fn load_state(policy: &Policy) -> Result<Vec<StoredEntry>, StoreError> {
+pub(crate) fn load_state(policy: &Policy) -> Result<Vec<StoredEntry>, StoreError> {
     ensure_parent(&policy.state_file)?;
     prepare_outputs(policy)?;
     store::load(&policy.state_file)
 }
 
 /// Create the directory of the Traefik file, if it is missing.
-pub fn prepare_outputs(policy: &Policy) -> Result<(), StoreError> {
+pub(crate) fn prepare_outputs(policy: &Policy) -> Result<(), StoreError> {
     match &policy.traefik.file {
         Some(path) => ensure_parent(path),
         None => Ok(()),

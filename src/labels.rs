@@ -18,7 +18,7 @@ pub enum Proxy {
 }
 
 /// The snippets for `proxies`, with gatekeeper reachable at `url` (`http://gatekeeper:5000`).
-pub fn render(policy: &Policy, url: &str, proxies: &[Proxy]) -> String {
+pub(crate) fn render(policy: &Policy, url: &str, proxies: &[Proxy]) -> String {
     let url = url.trim_end_matches('/');
     let mut out = String::new();
     for proxy in proxies {
@@ -352,7 +352,7 @@ fn traefik(out: &mut String, policy: &Policy, url: &str) {
 
 /// The longest answer body gatekeeper sends to a forward-auth request, with room to spare; set
 /// as Traefik's `maxResponseBodySize` so Traefik does not warn about an unlimited body.
-pub const MAX_ANSWER: usize = 4096;
+pub(crate) const MAX_ANSWER: usize = 4096;
 
 /// `regex` as one nginx string argument: double-quoted (a `{` or `;` would end a bare one),
 /// with the two escapes nginx reads inside quotes.

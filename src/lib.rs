@@ -39,6 +39,7 @@
 //!
 //! `tests/module_graph.rs` reads the imports: no modules import each other in a circle.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod admin;
 pub mod atomic_file;

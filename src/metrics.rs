@@ -23,11 +23,11 @@ use crate::server::{Class, ConnectionCounts};
 /// The `Content-Type` of what [`Metrics::render`] writes: the Prometheus text format 0.0.4,
 /// whose counters are declared under their `_total` names (OpenMetrics would declare them
 /// without the suffix and end in `# EOF`).
-pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// Proxy-facing endpoints, for request counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
+pub(crate) enum Endpoint {
     /// A mirrored request (by Host, or legacy catch-all).
     Mirror,
     /// `/share/{source}`.
@@ -82,7 +82,7 @@ struct ByOutput {
 
 /// Every counter gatekeeper keeps.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     /// The families below, registered once with their names and help.
     registry: Registry,
     grants: Family<BySource, Counter>,
@@ -96,7 +96,7 @@ pub struct Metrics {
     /// every proxied request.
     requests: [[AtomicU64; STATUSES.len() + 1]; ENDPOINTS.len()],
     /// Open and refused connections, counted by the accept loops.
-    pub connections: Arc<ConnectionCounts>,
+    pub(crate) connections: Arc<ConnectionCounts>,
 }
 
 impl Default for Metrics {
@@ -151,7 +151,7 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A request to `endpoint` answered with `status`.
-    pub fn request(&self, endpoint: Endpoint, status: u16) {
+    pub(crate) fn request(&self, endpoint: Endpoint, status: u16) {
         let e = ENDPOINTS
             .iter()
             .position(|(e, _)| *e == endpoint)
@@ -164,7 +164,7 @@ impl Metrics {
     }
 
     /// A new entry for `source`.
-    pub fn grant(&self, source: &str) {
+    pub(crate) fn grant(&self, source: &str) {
         let labels = BySource {
             source: source.to_string(),
         };
@@ -172,7 +172,7 @@ impl Metrics {
     }
 
     /// An entry of `source` left: `reason` is evicted, expired or revoked.
-    pub fn removal(&self, source: &str, reason: &str) {
+    pub(crate) fn removal(&self, source: &str, reason: &str) {
         let labels = ByReason {
             source: source.to_string(),
             reason: reason.to_string(),
@@ -182,7 +182,7 @@ impl Metrics {
 
     /// A share check of `source` ended with `outcome` (valid, invalid, refused, throttled,
     /// unreachable).
-    pub fn share_check(&self, source: &str, outcome: &str) {
+    pub(crate) fn share_check(&self, source: &str, outcome: &str) {
         let labels = ByOutcome {
             source: source.to_string(),
             outcome: outcome.to_string(),
@@ -191,7 +191,7 @@ impl Metrics {
     }
 
     /// A client of `source` was banned for too many failed checks.
-    pub fn throttled(&self, source: &str) {
+    pub(crate) fn throttled(&self, source: &str) {
         let labels = BySource {
             source: source.to_string(),
         };
@@ -199,7 +199,7 @@ impl Metrics {
     }
 
     /// `source`'s throttle table holds `records` clients now.
-    pub fn throttle_records(&self, source: &str, records: usize) {
+    pub(crate) fn throttle_records(&self, source: &str, records: usize) {
         let labels = BySource {
             source: source.to_string(),
         };
@@ -209,7 +209,7 @@ impl Metrics {
     }
 
     /// An output (`state`, `traefik`) was written (`ok`) or failed (`error`).
-    pub fn write(&self, output: &str, result: &str) {
+    pub(crate) fn write(&self, output: &str, result: &str) {
         let labels = ByOutput {
             output: output.to_string(),
             result: result.to_string(),
@@ -219,7 +219,7 @@ impl Metrics {
 
     /// The Prometheus text exposition (see [`CONTENT_TYPE`]) of every counter, plus the given
     /// gauges. `redis_up`: whether the shared store answers, when there is one.
-    pub fn render(
+    pub(crate) fn render(
         &self,
         entries_by_source: &[(String, usize)],
         allowed_by_service: &[(String, usize)],

@@ -18,28 +18,28 @@ use crate::ledger::Millis;
 use crate::policy::{EventKind, Notify, NotifyFormat};
 
 /// Events waiting to be sent; beyond this they are dropped.
-pub const QUEUE: usize = 256;
+pub(crate) const QUEUE: usize = 256;
 
 /// At most one ban notification per source this often; the bans in between are sent as one
 /// summary when it ends.
-pub const BAN_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const BAN_INTERVAL: Duration = Duration::from_secs(60);
 
 /// One notifiable event.
 #[derive(Debug, Clone, Serialize)]
-pub struct Event {
+pub(crate) struct Event {
     /// What happened.
     #[serde(serialize_with = "kind_name")]
-    pub event: EventKind,
+    pub(crate) event: EventKind,
     /// The source concerned.
-    pub source: String,
+    pub(crate) source: String,
     /// The network concerned (for a ban: the banned client's network).
-    pub network: IpNet,
+    pub(crate) network: IpNet,
     /// The certificate CN, when known.
-    pub identity: Option<String>,
+    pub(crate) identity: Option<String>,
     /// The services the source unlocks.
-    pub services: Vec<String>,
+    pub(crate) services: Vec<String>,
     /// When, ms since the epoch.
-    pub at: Millis,
+    pub(crate) at: Millis,
 }
 
 fn kind_name<S: serde::Serializer>(k: &EventKind, s: S) -> Result<S::Ok, S::Error> {
@@ -132,7 +132,7 @@ impl BanLimiter {
 
 /// The sending side; cheap to clone.
 #[derive(Debug, Clone)]
-pub struct Notifier {
+pub(crate) struct Notifier {
     tx: mpsc::Sender<Message>,
     on: Vec<EventKind>,
     bans: Arc<BanLimiter>,
@@ -141,7 +141,7 @@ pub struct Notifier {
 impl Notifier {
     /// Start the sending task for `notify`, if a runtime is there to run it (the daemon); `None`
     /// in tools that run without one.
-    pub fn start(notify: &Notify) -> Option<Notifier> {
+    pub(crate) fn start(notify: &Notify) -> Option<Notifier> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let client = crate::outbound::http_client();
@@ -155,7 +155,7 @@ impl Notifier {
     }
 
     /// Queue `event` if its kind is wanted; never waits.
-    pub fn send(&self, event: Event) {
+    pub(crate) fn send(&self, event: Event) {
         if !self.on.contains(&event.event) {
             return;
         }

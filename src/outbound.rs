@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 /// The client; one per process (its connection pool is shared).
-pub fn http_client() -> reqwest::Client {
+pub(crate) fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()

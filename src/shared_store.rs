@@ -44,17 +44,17 @@ use crate::policy::{Policy, RedisStore};
 use crate::redis_io::{StoreError, timed_for};
 
 /// Every replica reads the whole shared ledger this often, on top of change messages.
-pub const RESYNC_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const RESYNC_EVERY: Duration = Duration::from_secs(5);
 /// Refreshes of known clients reach Redis this often, where they count as seen (on its clock);
 /// expiry runs as often.
-pub const TICK: Duration = Duration::from_secs(1);
+pub(crate) const TICK: Duration = Duration::from_secs(1);
 /// Connecting, and each command, may take this long before Redis counts as unreachable.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A grant that waited longer than this for Redis is refused rather than applied late.
-pub const STALE_GRANT: Duration = Duration::from_secs(3);
+pub(crate) const STALE_GRANT: Duration = Duration::from_secs(3);
 /// A time read from Redis (last or first seen) may be this far ahead of the replica's clock
 /// (clock skew); an entry further in the future would never expire, and is not taken.
-pub const MAX_AHEAD: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_AHEAD: Duration = Duration::from_secs(3600);
 /// After losing Redis, the first retry comes this soon; later ones back off to 5 s.
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 /// Grants and revocations waiting for the store, at most; more are refused (grants) at once.
@@ -341,12 +341,12 @@ pub struct Handle {
     /// Becomes true after the first full read of the store.
     synced: watch::Sender<bool>,
     /// What the store is (for messages; no password).
-    pub shown_url: String,
+    pub(crate) shown_url: String,
 }
 
 impl Handle {
     /// A handle for `store`; [`run`] serves it.
-    pub fn new(store: &RedisStore) -> Self {
+    pub(crate) fn new(store: &RedisStore) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
         Handle {
             tx,
@@ -358,7 +358,7 @@ impl Handle {
     }
 
     /// Is Redis reachable now?
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 /// `90s`, `12h`, `7d`: the largest unit that divides the duration.
-pub fn short_duration(d: Duration) -> String {
+pub(crate) fn short_duration(d: Duration) -> String {
     let s = d.as_secs();
     if d.subsec_millis() != 0 || s == 0 {
         return format!("{}ms", d.as_millis());
@@ -19,7 +19,7 @@ pub fn short_duration(d: Duration) -> String {
 }
 
 /// Seconds in two units at most, enough to read at a glance: `42s`, `5m 10s`, `6d 23h`.
-pub fn short_span(s: u64) -> String {
+pub(crate) fn short_span(s: u64) -> String {
     let (d, h, m) = (s / 86_400, s % 86_400 / 3_600, s % 3_600 / 60);
     let parts: Vec<String> = [(d, "d"), (h, "h"), (m, "m"), (s % 60, "s")]
         .iter()
@@ -37,7 +37,7 @@ pub fn short_span(s: u64) -> String {
 
 /// `in 6d 23h` for a moment `Ok(that far)` ahead, `12s ago` for one `Err(that far)` past (the
 /// shape of [`std::time::SystemTime::duration_since`]).
-pub fn ago_or_in(ahead: Result<Duration, Duration>) -> String {
+pub(crate) fn ago_or_in(ahead: Result<Duration, Duration>) -> String {
     match ahead {
         Ok(d) => format!("in {}", short_span(d.as_secs())),
         Err(d) => format!("{} ago", short_span(d.as_secs())),

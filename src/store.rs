@@ -13,7 +13,7 @@ use crate::atomic_file::{self, FileKind, Found, WriteError, Written};
 use crate::ledger::{Ledger, Millis, Restore};
 
 /// The format this build writes and reads; a newer one is refused rather than misread.
-pub const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 1;
 
 /// The state file's content.
 #[derive(Debug, Serialize, Deserialize)]
@@ -49,7 +49,7 @@ pub struct StoredEntry {
 
 impl StoredEntry {
     /// The entry `r` of `source`, as the file keeps it.
-    pub fn new(source: &str, r: Restore) -> Self {
+    pub(crate) fn new(source: &str, r: Restore) -> Self {
         StoredEntry {
             source: source.to_string(),
             network: r.network,
@@ -62,7 +62,7 @@ impl StoredEntry {
     }
 
     /// The entry to put back into the ledger.
-    pub fn to_restore(&self) -> Restore {
+    pub(crate) fn to_restore(&self) -> Restore {
         Restore {
             network: self.network,
             first_seen: self.first_seen,

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 /// Traefik's throttle for one provider, replayed.
 #[derive(Debug, Clone, Default)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     /// When the aggregator wakes from its sleep after the last message it passed on.
     free_at: Option<Instant>,
     /// A message waits in the ring for `free_at`.
@@ -46,14 +46,14 @@ pub struct Throttle {
 /// comes tens of milliseconds after the first, more on a busy host. A throttle that wakes in
 /// between passes the first on and takes the last as a new change, which keeps it busy for
 /// another period; the model assumes the worst within this window.
-pub const BURST_SPREAD: Duration = Duration::from_millis(250);
+pub(crate) const BURST_SPREAD: Duration = Duration::from_millis(250);
 
 impl Throttle {
     /// A burst of `count` notifications starting at `at`: the first at `at`, the others up to
     /// [`BURST_SPREAD`] later. The written content is complete in every message from index
     /// `complete_from` on (0 for an atomic write). Returns when Traefik passes on the first
     /// complete message, that is, starts applying the change.
-    pub fn notify(
+    pub(crate) fn notify(
         &mut self,
         at: Instant,
         count: usize,
@@ -104,7 +104,7 @@ const KEEP: usize = 256;
 
 /// One provider as gatekeeper feeds it: the throttle, and when each change counter reached it.
 #[derive(Debug)]
-pub struct Provider {
+pub(crate) struct Provider {
     state: Mutex<ProviderState>,
     /// The highest change counter whose content this provider was given (written, or already
     /// there).
@@ -144,7 +144,7 @@ impl Provider {
 
     /// Content up to change `generation` reached Traefik as a burst of notifications (see
     /// [`Throttle::notify`]).
-    pub fn wrote(
+    pub(crate) fn wrote(
         &self,
         generation: u64,
         at: Instant,
@@ -162,7 +162,12 @@ impl Provider {
     /// Several bursts that together carry change `generation` (a KV sync writes one middleware
     /// per script); `bursts` are (time, notifications), all complete. The change is applied with
     /// the last burst.
-    pub fn wrote_bursts(&self, generation: u64, bursts: &[(Instant, usize)], period: Duration) {
+    pub(crate) fn wrote_bursts(
+        &self,
+        generation: u64,
+        bursts: &[(Instant, usize)],
+        period: Duration,
+    ) {
         let mut state = self.state();
         let mut applied = None;
         for &(at, count) in bursts {
@@ -176,7 +181,7 @@ impl Provider {
     }
 
     /// The provider already held what change `generation` shows: nothing was written.
-    pub fn unchanged(&self, generation: u64) {
+    pub(crate) fn unchanged(&self, generation: u64) {
         self.cover(generation);
     }
 
@@ -193,7 +198,7 @@ impl Provider {
     /// Wait until content up to `generation` was given to Traefik, then return when Traefik
     /// starts applying it: the first write that carried it, or, when none was needed, the last
     /// write before (which may still be waiting in the throttle).
-    pub async fn applied(&self, generation: u64) -> Option<Instant> {
+    pub(crate) async fn applied(&self, generation: u64) -> Option<Instant> {
         let mut rx = self.covered.subscribe();
         // The sender lives in `self`.
         let _ = rx.wait_for(|g| *g >= generation).await;
@@ -212,7 +217,7 @@ const FORGET_READER_AFTER: Duration = Duration::from_secs(600);
 
 /// The Traefik instances reading the HTTP provider endpoint, by address.
 #[derive(Debug, Default)]
-pub struct HttpReaders {
+pub(crate) struct HttpReaders {
     readers: Mutex<HashMap<IpAddr, Reader>>,
 }
 
@@ -239,7 +244,14 @@ impl Reader {
 
 impl HttpReaders {
     /// `peer` fetched a body (hash `body`) showing changes up to `generation` at `at`.
-    pub fn fetched(&self, peer: IpAddr, body: u64, generation: u64, at: Instant, period: Duration) {
+    pub(crate) fn fetched(
+        &self,
+        peer: IpAddr,
+        body: u64,
+        generation: u64,
+        at: Instant,
+        period: Duration,
+    ) {
         let mut readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
         readers.retain(|_, r| at.saturating_duration_since(r.last_fetch) < FORGET_READER_AFTER);
         let reader = readers.entry(peer).or_insert_with(|| Reader {
@@ -261,7 +273,7 @@ impl HttpReaders {
     }
 
     /// The Traefik instances polling the endpoint now, each with its provider record.
-    pub fn active(&self, now: Instant) -> Vec<(IpAddr, std::sync::Arc<Provider>)> {
+    pub(crate) fn active(&self, now: Instant) -> Vec<(IpAddr, std::sync::Arc<Provider>)> {
         let readers = self.readers.lock().unwrap_or_else(PoisonError::into_inner);
         readers
             .iter()
@@ -273,13 +285,13 @@ impl HttpReaders {
 
 /// Everything gatekeeper knows about Traefik's providers; one per daemon.
 #[derive(Debug, Default)]
-pub struct Propagation {
+pub(crate) struct Propagation {
     /// The file provider reading `traefik.file`.
-    pub file: Provider,
+    pub(crate) file: Provider,
     /// The Redis KV provider reading `traefik.redis`.
-    pub kv: Provider,
+    pub(crate) kv: Provider,
     /// The HTTP provider instances reading `/traefik/dynamic.json`.
-    pub http: HttpReaders,
+    pub(crate) http: HttpReaders,
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::policy::{Traefik, TraefikVersion};
 /// references it down, so "nobody" must still be a valid range. 0.0.0.0 means "this host" (RFC
 /// 1122, section 3.2.1.3): it may only appear as a source while a host learns its own address,
 /// never as the source of a TCP connection, so no client can ever match it.
-pub const DENY_ALL_SENTINEL: &str = "0.0.0.0/32";
+pub(crate) const DENY_ALL_SENTINEL: &str = "0.0.0.0/32";
 
 /// Renders the file-provider YAML for `snapshot`: services in snapshot order, no timestamps, so
 /// the same state always gives the same bytes (and [`write()`] can skip unchanged content).
@@ -105,7 +105,7 @@ pub fn render_json(snapshot: &Snapshot, traefik: &Traefik) -> Value {
 }
 
 /// Writes rendered YAML to the file Traefik watches, unless it already holds exactly that.
-pub fn write(path: &Path, contents: &str) -> Result<Written, WriteError> {
+pub(crate) fn write(path: &Path, contents: &str) -> Result<Written, WriteError> {
     atomic_file::write_if_changed_unwatched(path, contents.as_bytes())
 }
 

@@ -41,27 +41,27 @@ use crate::redis_io::{StoreError, timed_for};
 use crate::sinks::traefik_file;
 
 /// The name this sink reports its health under (`/healthz`) and logs with.
-pub const PART: &str = "traefik.redis";
+pub(crate) const PART: &str = "traefik.redis";
 /// Traefik's default `rootKey`, used when the policy has no `traefik.redis`.
-pub const DEFAULT_ROOT_KEY: &str = "traefik";
+pub(crate) const DEFAULT_ROOT_KEY: &str = "traefik";
 /// Longest one exchange with Redis (a connect, a command, a transaction) may take: a server that
 /// accepts connections but never answers must not stall the sink.
-pub const TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(3);
 /// While nothing changes, Redis is pinged this often, so an outage shows on `/healthz` (and the
 /// keys are rewritten once it is back) even when no list changes meanwhile.
-pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// This often, every middleware is read back and repaired if someone else changed its keys.
-pub const RESYNC_EVERY: Duration = Duration::from_secs(30);
+pub(crate) const RESYNC_EVERY: Duration = Duration::from_secs(30);
 
 /// One middleware's keys with their values, in Traefik's KV layout.
-pub type Pairs = Vec<(String, String)>;
+pub(crate) type Pairs = Vec<(String, String)>;
 
 /// The writes of one sync: when each was done and how many keys it set or deleted.
 type Bursts = Vec<(tokio::time::Instant, usize)>;
 
 /// Traefik's KV layout of exactly the middlewares [`traefik_file::render`] writes, by middleware
 /// name. A service nobody may reach gets the file sink's [`traefik_file::DENY_ALL_SENTINEL`].
-pub fn kv(snapshot: &Snapshot, traefik: &Traefik) -> BTreeMap<String, Pairs> {
+pub(crate) fn kv(snapshot: &Snapshot, traefik: &Traefik) -> BTreeMap<String, Pairs> {
     let root = root_key(traefik);
     traefik_file::middlewares(snapshot, traefik)
         .into_iter()
@@ -384,7 +384,7 @@ impl Writer {
 /// are reported on `/healthz` under [`PART`] and retried every [`RETRY_AFTER`]; once Redis answers
 /// again everything is checked and rewritten. Returns when `stop` resolves, after one last sync of
 /// what the outputs' final flush shows, if Redis lacks it.
-pub async fn run(gate: Gate, stop: impl Future<Output = ()>) {
+pub(crate) async fn run(gate: Gate, stop: impl Future<Output = ()>) {
     let mut shown = gate.watch_shown();
     // The ledger as the sink starts (read from the shared store or the state file) reaches what
     // the proxy is shown only once the outputs task has swapped it in. Writing before that would

@@ -17,15 +17,12 @@ use crate::gate::{Active, Gate};
 use crate::policy::{Share, ShareCheck};
 use crate::sinks::traefik_apply::Provider;
 
-pub mod state;
+pub(crate) mod state;
 
-pub use state::{
-    Admission, LinkCache, MAX_CACHED_LINKS, MAX_CHECKS_PER_CLIENT, MAX_CLIENTS_PER_GROUP,
-    MAX_TRACKED_CLIENTS, ShareState, Throttle, throttle_group, throttle_key,
-};
+use state::{Admission, throttle_key};
 
 /// Forwarded URIs longer than this are refused: no share link is this long.
-pub const MAX_URI_LEN: usize = 2048;
+pub(crate) const MAX_URI_LEN: usize = 2048;
 
 /// Why a forwarded URI is refused before anything is sent upstream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,7 +164,7 @@ const CAPTURE: &AsciiSet = &NON_ALPHANUMERIC
 
 /// What the upstream said about a link.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// A status in `valid_status`.
     Valid,
     /// Any other status.
@@ -178,7 +175,11 @@ pub enum Verdict {
 
 /// Ask the upstream about `url`. The body is never read: only the status matters, and an
 /// upstream answering 100 MB must not cost memory.
-pub async fn ask(client: &reqwest::Client, url: reqwest::Url, check: &ShareCheck) -> Verdict {
+pub(crate) async fn ask(
+    client: &reqwest::Client,
+    url: reqwest::Url,
+    check: &ShareCheck,
+) -> Verdict {
     let method = if check.head {
         reqwest::Method::HEAD
     } else {
@@ -220,20 +221,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// Longest a valid link waits for its grant to reach the state file before answering 503.
-pub const MAX_PERSIST_WAIT: Duration = Duration::from_secs(5);
+pub(crate) const MAX_PERSIST_WAIT: Duration = Duration::from_secs(5);
 
 /// Longest a new grant waits for the proxy to apply it. Traefik's HTTP provider may need its
 /// `pollInterval` (5 s by default) plus its throttle (2 s); Traefik's forward-auth client waits
 /// 30 s for an answer.
-pub const MAX_PROPAGATION_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const MAX_PROPAGATION_WAIT: Duration = Duration::from_secs(10);
 
 /// The answer to a forward-auth share check, with a short reason for the body.
-pub type Answer = (StatusCode, &'static str);
+pub(crate) type Answer = (StatusCode, &'static str);
 
 /// Check the share link in `X-Forwarded-Uri` for `source` and grant the client when it is valid:
 /// 200 (granted and persisted, and visible to the proxy when new), 403 invalid, 429 throttled,
 /// 503 upstream unreachable (fail closed). An untrusted peer gets 403 and nothing is sent.
-pub async fn forward_auth(
+pub(crate) async fn forward_auth(
     gate: &Gate,
     active: &Arc<Active>,
     source: &str,
@@ -527,7 +528,7 @@ async fn middleware_lists(client: &reqwest::Client, url: &str, network: &str) ->
 
 #[cfg(test)]
 mod tests {
-    use super::state::ms;
+    use super::state::*;
     use super::*;
     use crate::ledger::Millis;
     use crate::policy::{SourceKind, from_yaml_str};

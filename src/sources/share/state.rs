@@ -16,14 +16,14 @@ use crate::policy::ShareCheck;
 
 /// Clients tracked per source for throttling (about 100 bytes each); past this, the least
 /// recently active are forgotten, bans last (see [`Throttle`]).
-pub const MAX_TRACKED_CLIENTS: usize = 65_536;
+pub(crate) const MAX_TRACKED_CLIENTS: usize = 65_536;
 /// Cached valid links per source.
-pub const MAX_CACHED_LINKS: usize = 4096;
+pub(crate) const MAX_CACHED_LINKS: usize = 4096;
 
 /// The network a client is throttled by: the network it would be granted (its /32, its IPv6
 /// prefix: an attacker rotating addresses inside one /64 is one client; an address inside a
 /// NAT64 or Teredo prefix as itself, since that /64 is other people).
-pub fn throttle_key(client: IpAddr, ipv6_prefix: u8) -> IpNet {
+pub(crate) fn throttle_key(client: IpAddr, ipv6_prefix: u8) -> IpNet {
     crate::client_ip::client_network(client, ipv6_prefix)
 }
 
@@ -32,7 +32,7 @@ pub fn throttle_key(client: IpAddr, ipv6_prefix: u8) -> IpNet {
 /// site or one hosting customer; a translated client (NAT64, Teredo: its last 32 bits are an
 /// IPv4 address) by the /120 that stands for an IPv4 /24. Wider keys (an `ipv6_prefix` of /48
 /// or less) are their own group.
-pub fn throttle_group(key: IpNet) -> IpNet {
+pub(crate) fn throttle_group(key: IpNet) -> IpNet {
     let translated = key.prefix_len() == 128
         && crate::client_ip::client_network(key.addr(), 64).prefix_len() == 128;
     let prefix = match key {
@@ -49,10 +49,10 @@ pub fn throttle_group(key: IpNet) -> IpNet {
 
 /// Clients of one group tracked one by one; past this, a newcomer of the group is tracked as the
 /// whole group (one failure budget, one ban), so one /48 cannot fill the table.
-pub const MAX_CLIENTS_PER_GROUP: u32 = 64;
+pub(crate) const MAX_CLIENTS_PER_GROUP: u32 = 64;
 /// Checks one client (one throttle key) may have in flight, waiting for a slot or for the
 /// upstream. A viewer opens a link once; more at once is a script holding check slots.
-pub const MAX_CHECKS_PER_CLIENT: u32 = 2;
+pub(crate) const MAX_CHECKS_PER_CLIENT: u32 = 2;
 /// How often records that no longer matter (no failure in the window, no ban, nothing in
 /// flight) are dropped.
 const SWEEP_EVERY: Millis = 60_000;
@@ -79,7 +79,7 @@ impl ClientRecord {
 
 /// Answer of [`Throttle::admit`].
 #[derive(Debug, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// Go ahead; report the outcome with [`Throttle::finish`] under this key: the client's own,
     /// or its group's (see [`throttle_group`]) when the group floods.
     Admitted(IpNet),
@@ -98,7 +98,7 @@ pub enum Admission {
 /// forgets the least recently active clients that are neither banned nor checking, and only
 /// when every record is a ban, the bans that end soonest.
 #[derive(Debug)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     table: Mutex<Table>,
     capacity: usize,
 }
@@ -119,7 +119,7 @@ impl Default for Throttle {
 
 impl Throttle {
     /// A throttle tracking at most about `capacity` clients.
-    pub fn with_capacity(capacity: usize) -> Self {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
         Throttle {
             table: Mutex::new(Table::default()),
             capacity: capacity.max(1),
@@ -127,13 +127,8 @@ impl Throttle {
     }
 
     /// Clients tracked now.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.lock().clients.len()
-    }
-
-    /// Whether no client is tracked.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -141,7 +136,7 @@ impl Throttle {
     }
 
     /// May `client` (its [`throttle_key`]) make another check at `now`?
-    pub fn admit(&self, client: IpNet, limits: &ShareCheck, now: Millis) -> Admission {
+    pub(crate) fn admit(&self, client: IpNet, limits: &ShareCheck, now: Millis) -> Admission {
         let window = ms(limits.failure_window);
         let mut t = self.lock();
         if now >= t.next_sweep {
@@ -192,7 +187,13 @@ impl Throttle {
 
     /// Report an admitted check's outcome under the key [`Throttle::admit`] gave: `failed`
     /// counts towards the ban. Returns true when this failure started a ban.
-    pub fn finish(&self, key: IpNet, failed: bool, limits: &ShareCheck, now: Millis) -> bool {
+    pub(crate) fn finish(
+        &self,
+        key: IpNet,
+        failed: bool,
+        limits: &ShareCheck,
+        now: Millis,
+    ) -> bool {
         let mut t = self.lock();
         let Some(r) = t.clients.get_mut(&key) else {
             return false;
@@ -312,13 +313,13 @@ pub(super) fn ms(d: Duration) -> Millis {
 
 /// Valid links, remembered for `cache` so a viewer's burst asks the upstream once.
 #[derive(Debug, Default)]
-pub struct LinkCache {
+pub(crate) struct LinkCache {
     valid_until: Mutex<HashMap<String, Millis>>,
 }
 
 impl LinkCache {
     /// Is `url` known valid at `now`?
-    pub fn is_valid(&self, url: &str, now: Millis) -> bool {
+    pub(crate) fn is_valid(&self, url: &str, now: Millis) -> bool {
         let cache = self
             .valid_until
             .lock()
@@ -327,7 +328,7 @@ impl LinkCache {
     }
 
     /// Remember `url` as valid until `now + ttl`.
-    pub fn insert(&self, url: String, ttl: Duration, now: Millis) {
+    pub(crate) fn insert(&self, url: String, ttl: Duration, now: Millis) {
         if ttl.is_zero() {
             return;
         }
@@ -347,18 +348,18 @@ impl LinkCache {
 
 /// Per-source runtime state of a share source.
 #[derive(Debug)]
-pub struct ShareState {
+pub(crate) struct ShareState {
     /// Failure counting and bans.
-    pub throttle: Throttle,
+    pub(crate) throttle: Throttle,
     /// Recently valid links.
-    pub cache: LinkCache,
+    pub(crate) cache: LinkCache,
     /// Bounds the checks in flight.
-    pub in_flight: Semaphore,
+    pub(crate) in_flight: Semaphore,
 }
 
 impl ShareState {
     /// Fresh state for a source with these limits.
-    pub fn new(check: &ShareCheck) -> Self {
+    pub(crate) fn new(check: &ShareCheck) -> Self {
         ShareState {
             throttle: Throttle::default(),
             cache: LinkCache::default(),
