@@ -436,7 +436,7 @@ fn revoke_address(
 
 /// 200 `ok`, or 503 with one line per problem (failing outputs, an unreachable shared store).
 async fn healthz(State(admin): State<Admin>) -> Response {
-    let problems = admin.gate.problems();
+    let problems = admin.gate.health().problems();
     if problems.is_empty() {
         (StatusCode::OK, "ok\n").into_response()
     } else {
@@ -485,7 +485,7 @@ async fn metrics(State(admin): State<Admin>) -> Response {
 /// `/`: who is allowed where, and how full each source is. Read-only, no script.
 async fn status_page(State(admin): State<Admin>) -> Response {
     let active = admin.gate.active();
-    let problems = admin.gate.problems();
+    let problems = admin.gate.health().problems();
     let page = render_status(
         &active.policy,
         &admin.gate.entries(),

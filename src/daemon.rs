@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::gate::{self, Gate};
+use crate::gate::Gate;
 use crate::ledger::now_millis;
 use crate::policy::{self, Location, Policy};
 use crate::{admin, http, server, shared_store};
@@ -61,10 +61,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // With a shared store the ledger lives in Redis; the state file is neither read nor written.
     let entries = if policy.redis.is_some() {
-        gate::prepare_outputs(&policy)?;
+        crate::sinks::outputs::prepare_outputs(&policy)?;
         None
     } else {
-        Some(gate::load_state(&policy)?)
+        Some(crate::sinks::outputs::load_state(&policy)?)
     };
     let token = admin::load_token(&policy)?;
     if policy.legacy {
@@ -107,7 +107,7 @@ pub async fn run(
     let outputs = {
         let (gate, stopped) = (gate.clone(), stopped.clone());
         supervisor.spawn("outputs task", OnFailure::Stop, move || {
-            gate.clone().run_outputs(stopped())
+            crate::sinks::outputs::run(gate.clone(), stopped())
         })
     };
     // The shared store's task expires entries (in Redis, or locally while it is unreachable).
@@ -210,7 +210,7 @@ pub async fn run(
     if let Some(why) = supervisor.failed().borrow().clone() {
         anyhow::bail!("{why}");
     }
-    if let Some(e) = gate.output_error() {
+    if let Some(e) = gate.health().output_error() {
         anyhow::bail!("the last output write failed: {e}");
     }
     Ok(())
@@ -373,17 +373,20 @@ impl Supervisor {
                 failures.push(now);
                 if on_failure == OnFailure::Restart && failures.len() <= MAX_RESTARTS && !stopping {
                     error!(task = name, "{why}; restarting it");
-                    this.gate.report(name, Some(format!("{why}; restarting")));
+                    this.gate
+                        .health()
+                        .report(name, Some(format!("{why}; restarting")));
                     let mut stop = this.stopping.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(this.restart_delay) => {}
                         _ = stop.wait_for(|s| *s) => return,
                     }
-                    this.gate.report(name, None);
+                    this.gate.health().report(name, None);
                     continue;
                 }
                 error!(task = name, "{why}; gatekeeper stops");
                 this.gate
+                    .health()
                     .report(name, Some(format!("{why}; gatekeeper is stopping")));
                 this.failed.send_if_modified(|f| {
                     let first = f.is_none();
@@ -489,11 +492,12 @@ mod tests {
         let (runs, start) = flaky(1, stop_rx);
         let task = supervisor.spawn("test task", OnFailure::Restart, start);
         until("the failure on /healthz", || {
-            gate.problems() == vec!["test task: panicked: run 0 fails; restarting".to_string()]
+            gate.health().problems()
+                == vec!["test task: panicked: run 0 fails; restarting".to_string()]
         })
         .await;
         until("the second run, healthy", || {
-            runs.load(Ordering::SeqCst) == 2 && gate.problems().is_empty()
+            runs.load(Ordering::SeqCst) == 2 && gate.health().problems().is_empty()
         })
         .await;
         stop_tx.send(true).unwrap();
@@ -517,7 +521,7 @@ mod tests {
             Some("test task panicked: run 0 fails")
         );
         assert_eq!(
-            gate.problems(),
+            gate.health().problems(),
             vec!["test task: panicked: run 0 fails; gatekeeper is stopping"]
         );
     }
@@ -559,6 +563,6 @@ mod tests {
         stop_tx.send(true).unwrap();
         task.await.unwrap();
         assert!(supervisor.failed().borrow().is_none());
-        assert!(gate.problems().is_empty());
+        assert!(gate.health().problems().is_empty());
     }
 }

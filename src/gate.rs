@@ -1,24 +1,22 @@
-//! The shared runtime handle: the active policy, the ledger behind a mutex, the current snapshot
-//! behind an atomic pointer, and the background tasks that expire entries and flush outputs.
+//! The runtime handle: the policy in force, the gate's copy of the ledger behind a mutex, the
+//! current snapshot behind an atomic pointer, and the [`Backend`] that holds the ledger of
+//! record (the state file, or the shared store on Redis).
 //!
 //! Reads (decisions, a known client's refresh) load the snapshot and take no lock. Changes lock
-//! the ledger briefly, swap in a new snapshot and bump a change counter that wakes the flusher.
-//! The flusher persists the state file first and writes the Traefik file second, so anything a
-//! proxy was ever shown is already on disk; while the state file cannot be written, the proxy is
-//! shown only entries it already holds (revocations and expiries still go through).
+//! the ledger briefly, swap in a new snapshot and bump a change counter that wakes the render
+//! loop ([`crate::sinks::outputs`]), which shows the proxy only what the state file holds.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::atomic_file::Written;
 use crate::client_ip::ClientIp;
+use crate::health::Health;
 use crate::ledger::{Ledger, Millis, Recorded, Removal, Removed, Restore, Snapshot, now_millis};
 use crate::metrics::Metrics;
 use crate::notify::{Event, Notifier};
@@ -26,17 +24,8 @@ use crate::policy::EventKind;
 use crate::policy::Policy;
 use crate::redis_io::StoreError as SharedError;
 use crate::sinks::traefik_apply::Propagation;
-use crate::sinks::traefik_file;
 use crate::sources::share::state::ShareState;
-use crate::store::{self, StoreError, StoredEntry};
-
-/// Writes of the outputs are at least this far apart, so churn cannot turn into a write storm
-/// (at most 20 writes a second), while a lone change is written at once.
-pub(crate) const MIN_WRITE_GAP: Duration = Duration::from_millis(50);
-/// Last-seen refreshes, which wake nothing, reach the state file this often.
-pub(crate) const STATE_FLUSH_INTERVAL: Duration = Duration::from_secs(30);
-/// After a failed write, try again this soon.
-pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+use crate::store::{self, StoredEntry};
 
 /// The policy in force with what is derived from it; swapped as one piece.
 #[derive(Debug)]
@@ -116,8 +105,8 @@ struct Inner {
     propagation: Propagation,
     /// Bumped each time `shown` is swapped; other sinks (Traefik's KV) watch it.
     shown_changes: watch::Sender<u64>,
-    /// Problems other parts report for `/healthz` (the KV sink, the shared store), by part.
-    problems: Mutex<BTreeMap<&'static str, String>>,
+    /// What `/healthz` reports.
+    health: Health,
     /// Where the ledger of record is: here (the state file), or the shared store on Redis
     /// (fixed until a restart).
     backend: Arc<dyn Backend>,
@@ -125,10 +114,6 @@ struct Inner {
     http: reqwest::Client,
     /// Counters for `/metrics`.
     metrics: Metrics,
-    /// The last output failure, for health reporting; `None` when healthy.
-    output_error: Mutex<Option<String>>,
-    /// The output file being written now, if any: a write that does not return is reported.
-    writing: Mutex<Writing>,
     clock: fn() -> Millis,
 }
 
@@ -272,13 +257,6 @@ fn wider_than_an_operator_grant(network: IpNet) -> bool {
     network.prefix_len() < network.max_prefix_len() / 2
 }
 
-/// A write of an output that takes longer than this shows on `/healthz` as stuck (a FIFO or a
-/// hung network mount at the output path).
-pub(crate) const STUCK_WRITE: Duration = Duration::from_secs(10);
-
-/// What the output writer is writing now, and since when.
-type Writing = Option<(PathBuf, std::time::Instant)>;
-
 /// What restoring the state file did, for the startup log.
 #[derive(Debug, Default)]
 pub struct Restored {
@@ -371,14 +349,12 @@ impl Gate {
                 propagation: Propagation::default(),
                 snapshot: ArcSwap::new(snapshot),
                 shown_changes: watch::Sender::new(0),
-                problems: Mutex::new(BTreeMap::new()),
+                health: Health::default(),
                 backend,
                 changes: watch::Sender::new(0),
                 persisted: watch::Sender::new(0),
                 http: crate::outbound::http_client(),
                 metrics: Metrics::default(),
-                output_error: Mutex::new(None),
-                writing: Mutex::new(None),
                 clock,
             }),
         };
@@ -423,51 +399,61 @@ impl Gate {
         self.inner.shown_changes.subscribe()
     }
 
-    /// Report the health of `part` (`None`: healthy); `/healthz` lists every unhealthy part.
-    /// A change is logged once.
-    pub(crate) fn report(&self, part: &'static str, problem: Option<String>) {
-        let mut problems = self
-            .inner
-            .problems
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match problem {
-            Some(p) => {
-                if problems.get(part) != Some(&p) {
-                    error!(part, problem = %p, "unhealthy");
-                }
-                problems.insert(part, p);
-            }
-            None => {
-                if problems.remove(part).is_some() {
-                    info!(part, "healthy again");
-                }
-            }
+    /// What `/healthz` reports.
+    pub(crate) fn health(&self) -> &Health {
+        &self.inner.health
+    }
+
+    /// Wakes on every change to the ledger (the render loop, the expiry task).
+    pub(crate) fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Every entry of the ledger, as (source, network).
+    pub(crate) fn entry_keys(&self) -> HashSet<(String, IpNet)> {
+        keys(&self.ledger())
+    }
+
+    /// What the render loop writes, taken together under the ledger's lock (snapshots are
+    /// swapped under it too), so the Traefik file never shows a grant the state file written
+    /// just before it lacks.
+    pub(crate) fn capture(&self) -> Capture {
+        let ledger = self.ledger();
+        Capture {
+            // With a shared store there is no state file: entries reach the local ledger only
+            // once Redis holds them.
+            state: self.inner.backend.state_file(&ledger),
+            snapshot: self.snapshot(),
+            generation: *self.inner.changes.borrow(),
+            entries: keys(&ledger),
         }
     }
 
-    /// Everything unhealthy now: failing or stuck outputs and what other parts reported, one
-    /// line each.
-    pub(crate) fn problems(&self) -> Vec<String> {
-        let mut all: Vec<String> = self
-            .output_error()
-            .map(|e| format!("outputs failing: {e}"))
-            .into_iter()
-            .collect();
-        if let Some((path, since)) = self.stuck_write() {
-            all.push(format!(
-                "outputs: writing {} has not finished for {}s",
-                path.display(),
-                since.as_secs()
-            ));
-        }
-        let reported = self
-            .inner
-            .problems
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        all.extend(reported.iter().map(|(part, p)| format!("{part}: {p}")));
-        all
+    /// The state file holds every change up to `generation`.
+    pub(crate) fn mark_persisted(&self, generation: u64) {
+        publish_at_least(&self.inner.persisted, generation);
+    }
+
+    /// Every change up to this one is in the state file.
+    pub(crate) fn persisted_generation(&self) -> u64 {
+        *self.inner.persisted.borrow()
+    }
+
+    /// A snapshot of the entries `keep` holds only (what the state file holds, while it cannot
+    /// be written).
+    pub(crate) fn snapshot_of(&self, keep: &HashSet<(String, IpNet)>) -> Arc<Snapshot> {
+        let active = self.active();
+        let ledger = self.ledger();
+        Arc::new(ledger.snapshot_of(&active.policy, |source, network| {
+            keep.contains(&(source.to_string(), *network))
+        }))
+    }
+
+    /// Show the proxy `snapshot`, which holds every grant up to change `generation`: the sinks
+    /// that follow [`Gate::watch_shown`] render it.
+    pub(crate) fn show(&self, snapshot: Arc<Snapshot>, generation: u64) {
+        self.inner.shown.store(Arc::new((snapshot, generation)));
+        self.inner.shown_changes.send_modify(|n| *n += 1);
     }
 
     /// The current time on the gate's clock.
@@ -894,49 +880,9 @@ impl Gate {
         &self.inner.http
     }
 
-    /// The last output failure, if the outputs are currently failing.
-    pub(crate) fn output_error(&self) -> Option<String> {
-        self.inner
-            .output_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-    }
-
-    fn set_output_error(&self, e: Option<String>) {
-        *self
-            .inner
-            .output_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = e;
-    }
-
-    /// The output being written for [`STUCK_WRITE`] or longer, and for how long.
-    pub(crate) fn stuck_write(&self) -> Option<(PathBuf, Duration)> {
-        let writing = self
-            .inner
-            .writing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let (path, since) = writing.as_ref()?;
-        let elapsed = since.elapsed();
-        (elapsed >= STUCK_WRITE).then(|| (path.clone(), elapsed))
-    }
-
-    /// Note that `path` is being written until the returned guard is dropped.
-    fn writing(&self, path: &Path) -> WritingGuard<'_> {
-        *self
-            .inner
-            .writing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) =
-            Some((path.to_path_buf(), std::time::Instant::now()));
-        WritingGuard(self)
-    }
-
     /// Expire entries when they are due, with no request needed, until `shutdown` resolves.
     pub(crate) async fn run_expiry(self, shutdown: impl Future<Output = ()>) {
-        let mut changes = self.inner.changes.subscribe();
+        let mut changes = self.watch_changes();
         tokio::pin!(shutdown);
         loop {
             let due = self.ledger().next_due();
@@ -955,86 +901,6 @@ impl Gate {
             self.expire_due();
         }
     }
-
-    /// Write the outputs (state file, then Traefik file) whenever the ledger changes, at once when
-    /// idle and at most every [`MIN_WRITE_GAP`] under churn; flush last-seen refreshes every
-    /// [`STATE_FLUSH_INTERVAL`]; flush once more when `shutdown` resolves.
-    pub(crate) async fn run_outputs(self, shutdown: impl Future<Output = ()>) {
-        let mut changes = self.inner.changes.subscribe();
-        // Whatever the ledger holds now was restored from the state file.
-        let mut writer = OutputWriter {
-            persisted: self
-                .ledger()
-                .entries()
-                .into_iter()
-                .map(|(source, e)| (source.to_string(), e.network))
-                .collect(),
-            ..OutputWriter::default()
-        };
-        tokio::pin!(shutdown);
-        loop {
-            changes.borrow_and_update();
-            let failing;
-            (writer, failing) = self.flush_blocking(writer).await;
-            let gap = tokio::time::sleep(MIN_WRITE_GAP);
-            let next = if failing {
-                RETRY_AFTER
-            } else {
-                STATE_FLUSH_INTERVAL
-            };
-            tokio::select! {
-                r = changes.changed() => {
-                    if r.is_err() { break }
-                    // Coalesce: whatever else changes during the gap goes into the same write.
-                    tokio::select! {
-                        _ = gap => {}
-                        _ = &mut shutdown => break,
-                    }
-                }
-                _ = tokio::time::sleep(next) => {}
-                _ = &mut shutdown => break,
-            }
-        }
-        let (_, failing) = self.flush_blocking(writer).await;
-        if failing && let Some(e) = self.output_error() {
-            error!(error = %e, "outputs could not be written at shutdown");
-        }
-    }
-}
-
-impl Gate {
-    /// Flush on a blocking thread: fsync can take milliseconds, which must not stall requests.
-    /// A write that has not returned after [`STUCK_WRITE`] is logged (and shown on `/healthz`
-    /// by [`Gate::problems`]); the flush goes on waiting for it, since a blocked thread cannot
-    /// be interrupted.
-    async fn flush_blocking(&self, mut writer: OutputWriter) -> (OutputWriter, bool) {
-        let gate = self.clone();
-        let mut flush = tokio::task::spawn_blocking(move || {
-            let ok = writer.flush(&gate);
-            (writer, !ok)
-        });
-        let joined = tokio::select! {
-            joined = &mut flush => joined,
-            _ = tokio::time::sleep(STUCK_WRITE) => {
-                let stuck = self.stuck_write();
-                if let Some((path, _)) = &stuck {
-                    error!(path = %path.display(), "writing an output has not finished for {}s: a FIFO or a hung mount at that path? see /healthz", STUCK_WRITE.as_secs());
-                }
-                let joined = flush.await;
-                if let Some((path, _)) = stuck {
-                    info!(path = %path.display(), "the stuck output write returned");
-                }
-                joined
-            }
-        };
-        match joined {
-            Ok(done) => done,
-            Err(e) => {
-                error!(error = %e, "output flush panicked");
-                (OutputWriter::default(), true)
-            }
-        }
-    }
 }
 
 /// Remove what the shared store removed from the local copy too; an entry the copy did not have
@@ -1046,18 +912,24 @@ fn remove_all(ledger: &mut Ledger, removed: Vec<Removed>) -> Vec<Removed> {
         .collect()
 }
 
-/// Clears what [`Gate::writing`] noted when the write returns (or panics).
-struct WritingGuard<'a>(&'a Gate);
+/// What [`Gate::capture`] took.
+pub(crate) struct Capture {
+    /// The state file's bytes, when the state file is the ledger of record.
+    pub(crate) state: Option<Vec<u8>>,
+    /// The snapshot of the same moment.
+    pub(crate) snapshot: Arc<Snapshot>,
+    /// The change counter of the same moment.
+    pub(crate) generation: u64,
+    /// The entries of the same moment, as (source, network).
+    pub(crate) entries: HashSet<(String, IpNet)>,
+}
 
-impl Drop for WritingGuard<'_> {
-    fn drop(&mut self) {
-        *self
-            .0
-            .inner
-            .writing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = None;
-    }
+fn keys(ledger: &Ledger) -> HashSet<(String, IpNet)> {
+    ledger
+        .entries()
+        .into_iter()
+        .map(|(source, e)| (source.to_string(), e.network))
+        .collect()
 }
 
 fn publish_at_least(tx: &watch::Sender<u64>, generation: u64) {
@@ -1068,174 +940,6 @@ fn publish_at_least(tx: &watch::Sender<u64>, generation: u64) {
         }
         newer
     });
-}
-
-/// Remembers what was last written, so unchanged outputs are not rewritten.
-#[derive(Default)]
-struct OutputWriter {
-    /// Path and bytes of the last state file written (a reload may move it).
-    state: Option<(PathBuf, Vec<u8>)>,
-    /// Path and text of the last Traefik file written.
-    traefik: Option<(PathBuf, String)>,
-    /// The entries in the last state file written.
-    persisted: HashSet<(String, IpNet)>,
-}
-
-impl OutputWriter {
-    /// Write what changed; publish the change counter as persisted once the state file holds it.
-    /// Returns false when something failed (logged, reported on health, retried by the caller).
-    fn flush(&mut self, gate: &Gate) -> bool {
-        let active = gate.active();
-        let policy = &active.policy;
-        let mut errors = Vec::new();
-
-        // State bytes, snapshot and change counter are taken together under the ledger lock
-        // (snapshots are swapped under it too), so the Traefik file never shows a grant the state
-        // file written just before it lacks.
-        let (state, snapshot, generation, entries) = {
-            let ledger = gate.ledger();
-            let entries: HashSet<(String, IpNet)> = ledger
-                .entries()
-                .into_iter()
-                .map(|(source, e)| (source.to_string(), e.network))
-                .collect();
-            (
-                // With a shared store there is no state file: entries reach the local ledger
-                // only once Redis holds them.
-                gate.inner.backend.state_file(&ledger),
-                gate.snapshot(),
-                *gate.inner.changes.borrow(),
-                entries,
-            )
-        };
-        let state = state.map(|bytes| (policy.state_file.clone(), bytes));
-        let mut state_ok = true;
-        if let Some(state) = state
-            && self.state.as_ref() != Some(&state)
-        {
-            let saved = {
-                let _writing = gate.writing(&state.0);
-                store::save(&state.0, &state.1)
-            };
-            match saved {
-                Ok(_) => {
-                    gate.inner.metrics.write("state", "ok");
-                    self.state = Some(state);
-                }
-                Err(e) => {
-                    gate.inner.metrics.write("state", "error");
-                    errors.push(e.to_string());
-                    state_ok = false;
-                }
-            }
-        }
-        // What the proxy is shown: everything, once the state file holds it; while the state
-        // file cannot be written, only entries it already holds, so revocations and expiries
-        // still reach the proxy but a grant that would be forgotten by a crash does not.
-        let (shown, shown_generation) = if state_ok {
-            self.persisted = entries;
-            publish_at_least(&gate.inner.persisted, generation);
-            (snapshot, generation)
-        } else {
-            let persisted = &self.persisted;
-            let snapshot = Arc::new(gate.ledger().snapshot_of(policy, |source, network| {
-                persisted.contains(&(source.to_string(), *network))
-            }));
-            // Every grant up to the last persisted change is in it, none after.
-            (snapshot, *gate.inner.persisted.borrow())
-        };
-        gate.inner
-            .shown
-            .store(Arc::new((shown.clone(), shown_generation)));
-        gate.inner.shown_changes.send_modify(|n| *n += 1);
-        let snapshot = shown;
-
-        if let Some(path) = &policy.traefik.file {
-            let yaml = traefik_file::render(&snapshot, &policy.traefik, &policy.origin);
-            let yaml = (path.clone(), yaml);
-            if self.traefik.as_ref() != Some(&yaml) {
-                let wrote = {
-                    let _writing = gate.writing(path);
-                    traefik_file::write(path, &yaml.1)
-                };
-                match wrote {
-                    Ok(done) => {
-                        gate.inner.metrics.write("traefik", "ok");
-                        // The first write of this process may follow the creation of the hidden
-                        // temp directory, and Traefik may watch the old file itself since its
-                        // start: more than one notification, the first possibly stale.
-                        let first = self.traefik.is_none();
-                        self.traefik = Some(yaml);
-                        let file = &gate.inner.propagation.file;
-                        let throttle = policy.traefik.throttle;
-                        let now = tokio::time::Instant::now();
-                        match done {
-                            // The rename: one notification, complete.
-                            Written::Renamed if first => {
-                                file.wrote(shown_generation, now, 3, 1, throttle)
-                            }
-                            Written::Renamed => file.wrote(shown_generation, now, 1, 0, throttle),
-                            // Truncate, then write: Traefik may read the file in between.
-                            Written::InPlace => file.wrote(shown_generation, now, 2, 1, throttle),
-                            Written::Unchanged => file.unchanged(shown_generation),
-                        }
-                    }
-                    Err(e) => {
-                        gate.inner.metrics.write("traefik", "error");
-                        errors.push(e.to_string());
-                    }
-                }
-            } else {
-                gate.inner.propagation.file.unchanged(shown_generation);
-            }
-        }
-
-        let was_failing = gate.output_error().is_some();
-        if errors.is_empty() {
-            if was_failing {
-                info!("outputs are written again");
-            }
-            gate.set_output_error(None);
-            true
-        } else {
-            let message = errors.join("; ");
-            if !was_failing {
-                error!(error = %message, "cannot write outputs; decisions are still served from memory, retrying");
-            }
-            gate.set_output_error(Some(message));
-            false
-        }
-    }
-}
-
-/// Read the state file named by `policy`, creating the directories the outputs need. Errors name
-/// the file or directory.
-pub(crate) fn load_state(policy: &Policy) -> Result<Vec<StoredEntry>, StoreError> {
-    ensure_parent(&policy.state_file)?;
-    prepare_outputs(policy)?;
-    store::load(&policy.state_file)
-}
-
-/// Create the directory of the Traefik file, if it is missing.
-pub(crate) fn prepare_outputs(policy: &Policy) -> Result<(), StoreError> {
-    match &policy.traefik.file {
-        Some(path) => ensure_parent(path),
-        None => Ok(()),
-    }
-}
-
-fn ensure_parent(path: &Path) -> Result<(), StoreError> {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
-                dir: dir.to_path_buf(),
-                source,
-            })?;
-            info!(dir = %dir.display(), "created missing directory");
-            Ok(())
-        }
-        _ => Ok(()),
-    }
 }
 
 impl Gate {
@@ -1271,29 +975,5 @@ mod tests {
         assert!(wide("2001:db8::/47", 48));
         // ipv6_prefix never widens IPv4.
         assert!(wide("10.0.0.0/8", 8));
-    }
-
-    #[test]
-    fn a_write_that_does_not_return_shows_on_health_until_it_does() {
-        let policy = crate::policy::from_yaml_str(
-            "services: { immich: {} }\nsources:\n  ha: { kind: mirror, hosts: [ha.example.com], unlocks: \"*\" }\n",
-            "test",
-        )
-        .unwrap();
-        let (gate, _) = Gate::new(policy, Vec::new());
-        let path = Path::new("/srv/traefik/gatekeeper.yml");
-        let guard = gate.writing(path);
-        // Just started: not stuck.
-        assert!(gate.problems().is_empty());
-        let long_ago = std::time::Instant::now()
-            .checked_sub(STUCK_WRITE + Duration::from_secs(2))
-            .unwrap();
-        gate.inner.writing.lock().unwrap().as_mut().unwrap().1 = long_ago;
-        assert_eq!(
-            gate.problems(),
-            vec!["outputs: writing /srv/traefik/gatekeeper.yml has not finished for 12s"]
-        );
-        drop(guard);
-        assert!(gate.problems().is_empty());
     }
 }

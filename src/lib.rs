@@ -19,12 +19,14 @@
 //! - [`outbound`]: the one HTTP client for requests gatekeeper makes (checks, Traefik's API,
 //!   notifications): no redirects, no proxy from the environment.
 //! - [`store`]: the state file that keeps the ledger across restarts.
-//! - [`sinks`]: pure renderers of a snapshot (`traefik_file`, Traefik's KV layout in
-//!   `traefik_redis` with its writer task) and the atomic file writer.
-//! - [`gate`]: the runtime handle tying policy, ledger copy, snapshot and outputs together, plus
-//!   the background tasks (expiry, output flushing). Where the ledger of record lives is its
-//!   [`gate::Backend`]: [`gate::LocalBackend`] (the state file) or the shared store; the gate
-//!   never asks which.
+//! - [`sinks`]: the render loop (`outputs`: state file first, then what the proxy is shown, then
+//!   the Traefik file) and the renderers that follow what is shown (`traefik_file`, Traefik's KV
+//!   layout in `traefik_redis` with its writer task; the HTTP provider's JSON is rendered by
+//!   [`http`] on request), and when Traefik applied it (`traefik_apply`).
+//! - [`gate`]: the runtime handle tying policy, ledger copy and snapshot together, with the
+//!   local expiry task. Where the ledger of record lives is its [`gate::Backend`]:
+//!   [`gate::LocalBackend`] (the state file) or the shared store; the gate never asks which.
+//! - [`health`]: what `/healthz` reports (parts' problems, failing or stuck output writes).
 //! - [`shared_store`]: the backend shared by several replicas on Redis/Valkey (`redis:`): atomic
 //!   Lua scripts for grants, refreshes, expiry and revocation, pub/sub and resync.
 //! - [`redis_io`]: talking to Redis (the shared store, Traefik's KV): errors and time limits.
@@ -47,6 +49,7 @@ pub mod cli;
 pub mod client_ip;
 pub mod daemon;
 pub mod gate;
+pub mod health;
 pub mod http;
 pub mod labels;
 pub mod ledger;

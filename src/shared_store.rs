@@ -634,7 +634,7 @@ pub async fn run(gate: Gate, handle: Arc<Handle>, stop: impl Future<Output = ()>
     let client = match redis::Client::open(store.url.as_str()) {
         Ok(c) => c,
         Err(e) => {
-            gate.report(
+            gate.health().report(
                 "redis",
                 Some(format!("cannot use {}: {e}", handle.shown_url)),
             );
@@ -650,7 +650,7 @@ pub async fn run(gate: Gate, handle: Arc<Handle>, stop: impl Future<Output = ()>
                 if handle.up.swap(false, Ordering::Relaxed) {
                     backoff = FIRST_RETRY;
                 }
-                gate.report(
+                gate.health().report(
                     "redis",
                     Some(format!(
                         "{} unreachable ({e}); deciding from the last copy, new grants refused",
@@ -736,7 +736,7 @@ impl Worker {
             info!(store = %handle.shown_url, "shared store reachable; ledger synced");
         }
         handle.synced.send_replace(true);
-        gate.report("redis", None);
+        gate.health().report("redis", None);
 
         let mut tick = tokio::time::interval(TICK);
         let mut last_resync = Instant::now();

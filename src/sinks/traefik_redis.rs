@@ -34,10 +34,11 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client};
 use tracing::{debug, info, warn};
 
-use crate::gate::{Gate, MIN_WRITE_GAP, RETRY_AFTER};
+use crate::gate::Gate;
 use crate::ledger::Snapshot;
 use crate::policy::{Traefik, TraefikRedis};
 use crate::redis_io::{StoreError, timed_for};
+use crate::sinks::outputs::{MIN_WRITE_GAP, RETRY_AFTER};
 use crate::sinks::traefik_file;
 
 /// The name this sink reports its health under (`/healthz`) and logs with.
@@ -401,7 +402,7 @@ pub(crate) async fn run(gate: Gate, stop: impl Future<Output = ()>) {
             None => {
                 if let Some(old) = writer.take() {
                     info!(url = %old.shown_url, "traefik.redis left the policy: no longer written");
-                    gate.report(PART, None);
+                    gate.health().report(PART, None);
                 }
                 CHECK_EVERY
             }
@@ -447,12 +448,13 @@ pub(crate) async fn run(gate: Gate, stop: impl Future<Output = ()>) {
                             &bursts,
                             active.policy.traefik.throttle,
                         );
-                        gate.report(PART, None);
+                        gate.health().report(PART, None);
                         CHECK_EVERY
                     }
                     Err(e) => {
                         gate.metrics().write("traefik_redis", "error");
-                        gate.report(PART, Some(format!("cannot write to {}: {e}", w.shown_url)));
+                        gate.health()
+                            .report(PART, Some(format!("cannot write to {}: {e}", w.shown_url)));
                         RETRY_AFTER
                     }
                 }
