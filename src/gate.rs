@@ -962,7 +962,83 @@ impl Gate {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
     use super::*;
+
+    thread_local! {
+        /// Where this thread's paused tokio clock started (each test has its own runtime).
+        static STARTED: Cell<Option<tokio::time::Instant>> = const { Cell::new(None) };
+    }
+
+    const T0: Millis = 1_800_000_000_000;
+
+    /// The gate's clock in these tests: tokio's, which a test with `start_paused` moves only
+    /// when every task waits, straight to the next timer.
+    fn paused_clock() -> Millis {
+        let started = STARTED.with(Cell::get).expect("the test set STARTED");
+        T0 + started.elapsed().as_millis() as Millis
+    }
+
+    fn mirror_policy(limits: &str) -> Policy {
+        crate::policy::from_yaml_str(
+            &format!(
+                "services: {{ immich: {{}} }}\nsources:\n  ha: {{ kind: mirror, hosts: [ha.example.com], unlocks: \"*\", {limits} }}\n"
+            ),
+            "test",
+        )
+        .unwrap()
+    }
+
+    fn listed(gate: &Gate) -> Vec<String> {
+        gate.entries()
+            .iter()
+            .map(|(_, e, _)| e.network.to_string())
+            .collect()
+    }
+
+    /// The expiry task with the clock passed in: an hour of idle TTL and maximum age in paused
+    /// time, no real sleep; the task wakes when an entry is due, not on a fixed tick.
+    #[tokio::test(start_paused = true)]
+    async fn the_expiry_task_removes_entries_when_due_on_the_clock_passed_in() {
+        STARTED.with(|s| s.set(Some(tokio::time::Instant::now())));
+        let (gate, _) = Gate::with_clock(
+            mirror_policy("idle_ttl: 10m, max_age: 25m"),
+            Vec::new(),
+            paused_clock,
+        );
+        let (a, b): (IpNet, IpNet) = (
+            "203.0.113.5/32".parse().unwrap(),
+            "203.0.113.6/32".parse().unwrap(),
+        );
+        gate.record("ha", a, None).unwrap();
+        gate.record("ha", b, None).unwrap();
+        let task = tokio::spawn(gate.clone().run_expiry(std::future::pending()));
+        let minutes = |m: u64| tokio::time::sleep(Duration::from_secs(60 * m));
+
+        minutes(9).await;
+        assert_eq!(listed(&gate), ["203.0.113.5/32", "203.0.113.6/32"]);
+        // `a` is seen again at 9 min: idle until 19 min; `b` is idle at 10 min.
+        gate.record("ha", a, None).unwrap();
+        minutes(2).await;
+        assert_eq!(
+            listed(&gate),
+            ["203.0.113.5/32"],
+            "b idle since 0, due at 10 min"
+        );
+        minutes(7).await;
+        gate.record("ha", a, None).unwrap();
+        // Seen at 18 min, so idle only at 28; too old at 25 min however active.
+        minutes(6).await;
+        assert_eq!(
+            listed(&gate),
+            ["203.0.113.5/32"],
+            "24 min: neither idle nor too old"
+        );
+        minutes(2).await;
+        assert!(listed(&gate).is_empty(), "26 min: older than max_age");
+        task.abort();
+    }
 
     #[test]
     fn grants_are_at_most_a_16_or_a_64_or_the_clients_ipv6_prefix() {
