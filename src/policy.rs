@@ -906,22 +906,43 @@ struct RawService {
     unknown: Unknown,
 }
 
+/// A source as written: the keys every source has, and the rest, which its kind reads
+/// ([`RawMirror`], [`RawShare`]). Each key is declared once, as a field of one of these structs;
+/// the lists of keys (for "unknown key" and "only share sources have this key") are read from
+/// the structs themselves.
 #[derive(Debug, Deserialize)]
 struct RawSource {
+    #[serde(flatten)]
+    common: RawCommon,
+    #[serde(flatten)]
+    rest: Unknown,
+}
+
+/// The keys every source has.
+#[derive(Debug, Deserialize)]
+struct RawCommon {
     kind: Field,
     unlocks: Field,
     max_ips: Field,
     idle_ttl: Field,
     max_age: Field,
-    // mirror
+}
+
+/// The keys of a mirror source.
+#[derive(Debug, Default, Deserialize)]
+struct RawMirror {
     hosts: Field,
     catch_all: Field,
     identity_header: Field,
     identities: Field,
-    // share
+}
+
+/// The keys of a share source.
+#[derive(Debug, Default, Deserialize)]
+struct RawShare {
     upstream: Field,
     path: Field,
-    patterns: Option<Vec<RawPattern>>,
+    patterns: Field,
     method: Field,
     timeout: Field,
     valid_status: Field,
@@ -930,8 +951,6 @@ struct RawSource {
     ban: Field,
     max_concurrent_checks: Field,
     cache: Field,
-    #[serde(flatten)]
-    unknown: Unknown,
 }
 
 #[derive(Debug, Deserialize)]
@@ -942,24 +961,10 @@ struct RawPattern {
     unknown: Unknown,
 }
 
-/// Keys every source has.
-const COMMON_SOURCE_KEYS: &[&str] = &["kind", "unlocks", "max_ips", "idle_ttl", "max_age"];
-/// Keys only mirror sources have.
-const MIRROR_KEYS: &[&str] = &["hosts", "catch_all", "identity_header", "identities"];
-/// Keys only share sources have.
-const SHARE_KEYS: &[&str] = &[
-    "upstream",
-    "path",
-    "patterns",
-    "method",
-    "timeout",
-    "valid_status",
-    "max_failures",
-    "failure_window",
-    "ban",
-    "max_concurrent_checks",
-    "cache",
-];
+/// The keys of a raw struct, in declaration order, read from its `Deserialize`.
+fn keys_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    serde_aux::serde_introspection::serde_introspect::<T>()
+}
 
 /// Default `max_ips` of a source that sets none.
 pub const DEFAULT_MAX_IPS: usize = 10;
@@ -1594,15 +1599,28 @@ impl RawSource {
         host_owner: &mut BTreeMap<String, String>,
         c: &mut Checker<'_>,
     ) -> Option<Source> {
-        let known: Vec<&str> = COMMON_SOURCE_KEYS
+        let (common_keys, mirror_keys, share_keys) = (
+            keys_of::<RawCommon>(),
+            keys_of::<RawMirror>(),
+            keys_of::<RawShare>(),
+        );
+        let known: Vec<&str> = [common_keys, mirror_keys, share_keys].concat();
+        let unknown: Unknown = self
+            .rest
             .iter()
-            .chain(MIRROR_KEYS)
-            .chain(SHARE_KEYS)
-            .copied()
+            .filter(|(k, _)| !known.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        c.unknown(key, &self.unknown, &known);
+        c.unknown(key, &unknown, &known);
+        let RawCommon {
+            kind,
+            unlocks,
+            max_ips,
+            idle_ttl,
+            max_age,
+        } = &self.common;
 
-        let unlocks = match &self.unlocks {
+        let unlocks = match unlocks {
             None => {
                 c.problem(
                     format!("{key}.unlocks"),
@@ -1630,7 +1648,7 @@ impl RawSource {
             }
         }
 
-        let max_ips = match &self.max_ips {
+        let max_ips = match max_ips {
             Some(Value::Num(_, n)) if n.to_u128() == Some(0) => {
                 c.problem(
                     format!("{key}.max_ips"),
@@ -1644,28 +1662,29 @@ impl RawSource {
         };
         // `never` exists for legacy mode, whose old app never expired anything; a policy file must
         // bound every grant in time.
-        let idle_ttl = match &self.idle_ttl {
+        let idle_ttl = match idle_ttl {
             None => Some(DEFAULT_IDLE_TTL),
             Some(Value::String(_, s)) if s == "never" && legacy => None,
             v => c.duration(&format!("{key}.idle_ttl"), v),
         };
-        let max_age = c.duration(&format!("{key}.max_age"), &self.max_age);
+        let max_age = c.duration(&format!("{key}.max_age"), max_age);
 
-        let kind = match c.text(&format!("{key}.kind"), &self.kind).as_deref() {
+        let kind = match c.text(&format!("{key}.kind"), kind).as_deref() {
             Some("mirror") => {
-                for field in self.keys_set(SHARE_KEYS) {
+                for field in self.keys_set(share_keys) {
                     c.problem(format!("{key}.{field}"), "only share sources have this key");
                 }
-                self.mirror(key, name, &unlocks, host_owner, c)
+                self.part::<RawMirror>(key, mirror_keys, c)
+                    .mirror(key, name, &unlocks, host_owner, c)
             }
             Some("share") => {
-                for field in self.keys_set(MIRROR_KEYS) {
+                for field in self.keys_set(mirror_keys) {
                     c.problem(
                         format!("{key}.{field}"),
                         "only mirror sources have this key",
                     );
                 }
-                self.share(key, c)?
+                self.part::<RawShare>(key, share_keys, c).share(key, c)?
             }
             Some(other) => {
                 c.problem(
@@ -1675,7 +1694,7 @@ impl RawSource {
                 return None;
             }
             None => {
-                if self.kind.is_none() {
+                if kind.is_none() {
                     c.problem(format!("{key}.kind"), "missing: mirror or share");
                 }
                 return None;
@@ -1694,27 +1713,33 @@ impl RawSource {
 
     /// Which of `keys` this source sets.
     fn keys_set(&self, keys: &[&'static str]) -> Vec<&'static str> {
-        let set = |k: &str| match k {
-            "hosts" => self.hosts.is_some(),
-            "catch_all" => self.catch_all.is_some(),
-            "identity_header" => self.identity_header.is_some(),
-            "identities" => self.identities.is_some(),
-            "upstream" => self.upstream.is_some(),
-            "path" => self.path.is_some(),
-            "patterns" => self.patterns.is_some(),
-            "method" => self.method.is_some(),
-            "timeout" => self.timeout.is_some(),
-            "valid_status" => self.valid_status.is_some(),
-            "max_failures" => self.max_failures.is_some(),
-            "failure_window" => self.failure_window.is_some(),
-            "ban" => self.ban.is_some(),
-            "max_concurrent_checks" => self.max_concurrent_checks.is_some(),
-            "cache" => self.cache.is_some(),
-            _ => false,
-        };
-        keys.iter().copied().filter(|k| set(k)).collect()
+        keys.iter()
+            .copied()
+            .filter(|k| self.rest.contains_key(*k))
+            .collect()
     }
 
+    /// The keys of its kind (`keys`), read into that kind's raw struct `T`.
+    fn part<T: serde::de::DeserializeOwned + Default>(
+        &self,
+        key: &str,
+        keys: &[&str],
+        c: &mut Checker<'_>,
+    ) -> T {
+        let dict: figment::value::Dict = self
+            .rest
+            .iter()
+            .filter(|(k, _)| keys.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Value::from(dict).deserialize().unwrap_or_else(|e| {
+            c.problem(key, user_words(&e.to_string()));
+            T::default()
+        })
+    }
+}
+
+impl RawMirror {
     fn mirror(
         &self,
         key: &str,
@@ -1818,7 +1843,9 @@ impl RawSource {
             identities,
         })
     }
+}
 
+impl RawShare {
     fn share(&self, key: &str, c: &mut Checker<'_>) -> Option<SourceKind> {
         let upstream = match c.text(&format!("{key}.upstream"), &self.upstream) {
             None => {
@@ -1843,7 +1870,14 @@ impl RawSource {
         if let Some(p) = c.text(&format!("{key}.path"), &self.path) {
             raw_patterns.push((p, None, format!("{key}.path")));
         }
-        for (i, p) in self.patterns.iter().flatten().enumerate() {
+        let listed: Vec<RawPattern> = match &self.patterns {
+            None => Vec::new(),
+            Some(v) => v.deserialize().unwrap_or_else(|e| {
+                c.problem(format!("{key}.patterns"), user_words(&e.to_string()));
+                Vec::new()
+            }),
+        };
+        for (i, p) in listed.iter().enumerate() {
             let pkey = format!("{key}.patterns[{i}]");
             c.unknown(&pkey, &p.unknown, &["path", "check"]);
             let check = c.text(&format!("{pkey}.check"), &p.check);
@@ -2181,6 +2215,43 @@ mod tests {
         assert!(
             text.contains("traefik.redis.key_prefix: unknown key (did you mean `root_key`?)"),
             "{text}"
+        );
+    }
+
+    /// The source keys are declared once, as fields of the raw structs: the lists in the
+    /// problems come from them, and a wrongly typed key of a kind is reported with the rest.
+    #[test]
+    fn source_keys_come_from_their_structs_and_every_problem_is_reported() {
+        let got = problems(
+            "services: { s: {} }\nsources:\n\
+             \x20 a: { kind: mirror, hosts: [x.example.com], unlocks: '*', upstream: 'http://x:1', bogus: 1 }\n\
+             \x20 b: { kind: share, upstream: 'http://u:1', patterns: 5, unlocks: '*', identities: {} }\n",
+        );
+        assert_eq!(
+            keys_of::<RawCommon>(),
+            ["kind", "unlocks", "max_ips", "idle_ttl", "max_age"]
+        );
+        assert_eq!(
+            keys_of::<RawMirror>(),
+            ["hosts", "catch_all", "identity_header", "identities"]
+        );
+        assert!(keys_of::<RawShare>().starts_with(&["upstream", "path", "patterns"]));
+        let known = [
+            keys_of::<RawCommon>(),
+            keys_of::<RawMirror>(),
+            keys_of::<RawShare>(),
+        ]
+        .concat()
+        .join(", ");
+        assert_eq!(
+            got,
+            [
+                format!("sources.a.bogus: unknown key `bogus` (expected one of: {known})"),
+                "sources.a.upstream: only share sources have this key".to_string(),
+                "sources.b.identities: only mirror sources have this key".to_string(),
+                "sources.b.patterns: invalid type: found unsigned int `5`, expected a sequence"
+                    .to_string(),
+            ]
         );
     }
 
