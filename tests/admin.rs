@@ -15,8 +15,6 @@ use common::*;
 use serde_json::Value;
 
 const TOKEN: &str = "7f3c1d0e9b8a-admin-token";
-/// "Within a second" of the acceptance criteria.
-
 /// Three services, a mirror source unlocking all of them, a mirror source whose entries idle out
 /// after a second, and a share source whose upstream (`@DEAD@`) has nothing listening.
 const POLICY: &str = r#"always_allow: [198.51.100.0/24]
