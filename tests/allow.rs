@@ -141,6 +141,8 @@ fn decision_follows_a_grant_at_once_and_its_expiry_without_any_file() {
     assert_eq!(allow(addr, "jellyfin", "203.0.113.7"), 200, "at once");
     assert_eq!(allow(addr, "immich", "203.0.113.7"), 403);
 
+    // It expires by itself (SOON, the harness's liveness deadline, only catches an entry that
+    // does not), and not before its idle_ttl: a lower bound, which a slow machine cannot break.
     wait_for("the 1 s grant to expire", SOON, || {
         match allow(addr, "jellyfin", "203.0.113.7") {
             403 => Ok(()),
@@ -150,10 +152,6 @@ fn decision_follows_a_grant_at_once_and_its_expiry_without_any_file() {
     let lived = granted.elapsed();
     assert!(
         lived >= Duration::from_millis(950),
-        "expired after {lived:?}, idle_ttl is 1s"
-    );
-    assert!(
-        lived < Duration::from_secs(4),
         "expired after {lived:?}, idle_ttl is 1s"
     );
     assert!(

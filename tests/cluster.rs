@@ -48,11 +48,11 @@ fn replica(body: &str) -> Replica {
     }
 }
 
-/// Grant `client` by a mirrored request through `via`, and wait (at most a second) until `seen_on`
-/// decides it.
+/// Grant `client` by a mirrored request through `via`, and wait until `seen_on` decides it (SOON:
+/// a liveness bound; how fast is the business of the one test named "within a second").
 fn grant_seen(via: SocketAddr, seen_on: SocketAddr, client: &str) {
     assert_eq!(mirror(via, "ha.example.com", client), 200);
-    allow_becomes(seen_on, client, 200, SECOND);
+    allow_becomes(seen_on, client, 200, SOON);
 }
 
 /// A Redis and two replicas A and B on it (`max_ips`, `extra` source lines), with `client`
@@ -232,7 +232,7 @@ fn max_ips_holds_cluster_wide_under_concurrent_grants() {
     });
     // Every mirror 200 came before its grant: wait until both replicas have counted all 100 new
     // grants (50 by the API, 50 mirrored), then read what Redis kept.
-    wait_for("all 100 grants to be made", SECOND, || {
+    wait_for("all 100 grants to be made", SOON, || {
         let made: u64 = admins.iter().map(|a| grants_made(*a)).sum();
         (made == 100).then_some(()).ok_or(made.to_string())
     });
@@ -263,11 +263,11 @@ fn at_once<T: Send + 'static>(
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-/// Wait (at most a second each) until every replica at `addrs` allows, of the `candidates`
+/// Wait (SOON each, a liveness bound) until every replica at `addrs` allows, of the `candidates`
 /// (networks), exactly `expected` (sorted).
 fn wait_allowed_exactly(addrs: &[SocketAddr], candidates: &[String], expected: &[String]) {
     for &addr in addrs {
-        wait_for("the replica to allow exactly the survivors", SECOND, || {
+        wait_for("the replica to allow exactly the survivors", SOON, || {
             let mut allowed: Vec<String> = candidates
                 .iter()
                 .filter(|net| allow_status(addr, "immich", net.trim_end_matches("/32")) == 200)
@@ -286,20 +286,17 @@ fn expiry_needs_no_request_on_any_replica() {
     let (redis, a, b) = granted_on_two(10, "    idle_ttl: 2s\n", "198.51.100.20");
     // Nobody sends anything; within idle_ttl + the expiry tick + a resync, all forget it.
     let start = Instant::now();
-    wait_for(
-        "Redis to drop the idle entry",
-        Duration::from_secs(5),
-        || {
-            let e = redis_entries(&redis);
-            e.is_empty().then_some(()).ok_or(format!("{e:?}"))
-        },
-    );
+    // SOON only catches an entry that never expires; the timing asserted is the lower bound.
+    wait_for("Redis to drop the idle entry", SOON, || {
+        let e = redis_entries(&redis);
+        e.is_empty().then_some(()).ok_or(format!("{e:?}"))
+    });
     assert!(
         start.elapsed() >= Duration::from_millis(900),
         "expired too early"
     );
     for r in [&a, &b] {
-        allow_becomes(r.daemon.addr, "198.51.100.20", 403, SECOND);
+        allow_becomes(r.daemon.addr, "198.51.100.20", 403, SOON);
     }
     // One replica removed it and logged it; expiry is logged once across the cluster.
     let logged = || {
@@ -329,16 +326,12 @@ fn redis_outage_keeps_decisions_reports_it_and_converges_after() {
 
     redis.stop();
     for r in [&a, &b] {
-        wait_for(
-            "/healthz to report the outage",
-            Duration::from_secs(5),
-            || {
-                let (status, body) = health(r.admin);
-                (status == 503 && body.contains("redis"))
-                    .then_some(())
-                    .ok_or(format!("{status} {body}"))
-            },
-        );
+        wait_for("/healthz to report the outage", SOON, || {
+            let (status, body) = health(r.admin);
+            (status == 503 && body.contains("redis"))
+                .then_some(())
+                .ok_or(format!("{status} {body}"))
+        });
         let metrics = Request::new("GET", "/metrics").send(r.admin).body;
         assert!(metrics.contains("gatekeeper_redis_up 0"), "{metrics}");
         // Decisions keep coming from the last copy.
@@ -368,10 +361,10 @@ fn redis_outage_keeps_decisions_reports_it_and_converges_after() {
     // copies go back in, the revocation made during the outage wins, and they agree again.
     redis.start_again();
     for r in [&a, &b] {
-        wait_health(r.admin, 200, Duration::from_secs(10));
+        wait_health(r.admin, 200, SOON);
     }
     for r in [&a, &b] {
-        allow_becomes(r.daemon.addr, "198.51.100.30", 403, Duration::from_secs(6));
+        allow_becomes(r.daemon.addr, "198.51.100.30", 403, SOON);
     }
     assert!(
         redis_entries(&redis).is_empty(),
@@ -403,16 +396,12 @@ fn a_flushed_redis_gets_the_replicas_copies_back() {
     // Emptied without a dropped connection (FLUSHALL, a failover to an empty replica): no
     // replica adopts the empty ledger; the next resync notices and puts the copies back.
     assert_eq!(redis.cli(&["FLUSHALL"]).trim(), "OK");
-    wait_for(
-        "the grant to be back in Redis",
-        Duration::from_secs(10),
-        || {
-            let e = redis_entries(&redis);
-            (e == vec!["198.51.100.50/32".to_string()])
-                .then_some(())
-                .ok_or(format!("{e:?}"))
-        },
-    );
+    wait_for("the grant to be back in Redis", SOON, || {
+        let e = redis_entries(&redis);
+        (e == vec!["198.51.100.50/32".to_string()])
+            .then_some(())
+            .ok_or(format!("{e:?}"))
+    });
     for r in [&a, &b] {
         assert_eq!(allow_status(r.daemon.addr, "immich", "198.51.100.50"), 200);
     }
@@ -445,7 +434,7 @@ fn a_replica_started_while_redis_is_down_denies_then_joins() {
     assert_eq!(allow_status(a.daemon.addr, "immich", "198.51.100.60"), 403);
 
     redis.start_again();
-    wait_health(a.admin, 200, Duration::from_secs(10));
+    wait_health(a.admin, 200, SOON);
     grant_seen(a.daemon.addr, a.daemon.addr, "198.51.100.60");
     assert_eq!(redis_entries(&redis), vec!["198.51.100.60/32".to_string()]);
 }
@@ -467,7 +456,7 @@ fn a_lowered_max_ips_on_reload_trims_the_shared_ledger() {
         .unwrap();
     }
     // Redis keeps the two most recently seen, and both replicas agree.
-    wait_for("Redis trimmed to two", Duration::from_secs(6), || {
+    wait_for("Redis trimmed to two", SOON, || {
         let e = redis_entries(&redis);
         (e == vec![
             "198.51.100.73/32".to_string(),
@@ -477,8 +466,8 @@ fn a_lowered_max_ips_on_reload_trims_the_shared_ledger() {
         .ok_or(format!("{e:?}"))
     });
     for r in [&a, &b] {
-        allow_becomes(r.daemon.addr, "198.51.100.71", 403, SECOND);
-        allow_becomes(r.daemon.addr, "198.51.100.72", 403, SECOND);
+        allow_becomes(r.daemon.addr, "198.51.100.71", 403, SOON);
+        allow_becomes(r.daemon.addr, "198.51.100.72", 403, SOON);
         assert_eq!(allow_status(r.daemon.addr, "immich", "198.51.100.74"), 200);
     }
 }

@@ -30,6 +30,16 @@ fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
         .unwrap_or_else(|e| panic!("connect from {from} to {addr}: {e}"))
 }
 
+/// Is `stream` still open on the server's side (neither EOF nor reset waiting to be read)?
+/// Looks without waiting.
+fn still_open(stream: &TcpStream) -> bool {
+    stream.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1];
+    let open = matches!(stream.peek(&mut buf), Err(e) if e.kind() == ErrorKind::WouldBlock);
+    stream.set_nonblocking(false).unwrap();
+    open
+}
+
 /// Read until the server closes; returns what it sent and how long it took to close.
 fn read_to_close(mut stream: TcpStream) -> (Vec<u8>, Duration) {
     let start = Instant::now();
@@ -60,6 +70,8 @@ fn strangers_filling_their_budget_do_not_starve_the_proxy() {
     let daemon = setup.start();
     let admin = daemon.admin_addr();
 
+    // The trusted proxy opens an idle connection first: it has the long header timeout (10 s).
+    let proxy_idle = connect_from(Ipv4Addr::new(127, 0, 0, 1), daemon.addr);
     // Strangers hold every untrusted slot with idle connections.
     let idle: Vec<TcpStream> = (0..UNTRUSTED_BUDGET)
         .map(|_| connect_from(Ipv4Addr::new(127, 0, 0, 2), daemon.addr))
@@ -71,12 +83,13 @@ fn strangers_filling_their_budget_do_not_starve_the_proxy() {
             .ok_or(open.to_string())
     });
 
-    // One more stranger is closed at once, before anything is read.
+    // One more stranger is closed, before anything is read: refused, not queued (a queued
+    // connection would be served, 403, once the idle strangers' slots free up).
     let mut extra = connect_from(Ipv4Addr::new(127, 0, 0, 3), daemon.addr);
     let _ = extra.write_all(&request(Some("ha.example.com"), &[]));
     let (answer, took) = read_to_close(extra);
     assert!(
-        answer.is_empty() && took < Duration::from_secs(1),
+        answer.is_empty(),
         "an over-budget stranger got {:?} after {took:?}",
         String::from_utf8_lossy(&answer)
     );
@@ -98,13 +111,17 @@ fn strangers_filling_their_budget_do_not_starve_the_proxy() {
     assert_eq!(mirror(daemon.addr, "ha.example.com", "198.51.100.7"), 200);
     assert_eq!(allow_status(daemon.addr, "immich", "198.51.100.7"), 200);
 
-    // A stranger that sends nothing is dropped after the short header timeout (3 s), which
-    // frees the budget: a new stranger is answered (403: not a trusted proxy) again.
+    // A stranger that sends nothing is dropped after the short header timeout (3 s), while the
+    // proxy's idle connection, opened earlier, is still open (its timeout is 10 s): an order,
+    // not a speed. That frees the budget: a new stranger is answered (403: not a trusted proxy)
+    // again.
     let (_, took) = read_to_close(idle.into_iter().next().unwrap());
     assert!(
-        took < Duration::from_secs(5),
-        "an idle stranger was kept {took:?}"
+        still_open(&proxy_idle),
+        "the proxy's idle connection, opened before the stranger's, was closed first (the \
+         stranger was kept {took:?})"
     );
+    drop(proxy_idle);
     wait_for("a stranger to be answered again", SOON, || {
         let s = connect_from(Ipv4Addr::new(127, 0, 0, 3), daemon.addr);
         let mut w = s.try_clone().unwrap();
@@ -136,23 +153,38 @@ fn a_stranger_gets_one_request_per_connection_and_little_patience() {
         "{text}"
     );
 
-    // Headers sent a byte at a time never finish: dropped after 3 s, not the proxy's 10 s.
-    let s = connect_from(Ipv4Addr::new(127, 0, 0, 2), daemon.addr);
-    let mut w = s.try_clone().unwrap();
-    let start = Instant::now();
-    w.write_all(b"GET / HTTP/1.1\r\nHost: ha.example.com\r\nX-Slow: ")
-        .unwrap();
-    let dripper = std::thread::spawn(move || {
-        while w.write_all(b"a").is_ok() && start.elapsed() < Duration::from_secs(12) {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    });
+    // Headers sent a byte at a time never finish: dropped after 3 s, not the proxy's 10 s. The
+    // proxy starts the same drip first; the stranger is cut while the proxy's connection is
+    // still open (an order, not a speed), and not before its 3 s (a lower bound).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drip = |from: Ipv4Addr| {
+        let s = connect_from(from, daemon.addr);
+        let mut w = s.try_clone().unwrap();
+        w.write_all(b"GET / HTTP/1.1\r\nHost: ha.example.com\r\nX-Slow: ")
+            .unwrap();
+        let stop = stop.clone();
+        let dripper = std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && w.write_all(b"a").is_ok() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        (s, dripper)
+    };
+    let (proxy, proxy_dripper) = drip(Ipv4Addr::new(127, 0, 0, 1));
+    let (s, dripper) = drip(Ipv4Addr::new(127, 0, 0, 2));
     let (_, took) = read_to_close(s);
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
-        "slow headers of a stranger were cut after {took:?}"
+        took >= Duration::from_secs(2),
+        "slow headers of a stranger were cut after {took:?}, before the 3 s header timeout"
     );
+    assert!(
+        still_open(&proxy),
+        "the proxy's slow headers, started first, were cut before the stranger's (after {took:?})"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(proxy);
     dripper.join().unwrap();
+    proxy_dripper.join().unwrap();
 
     // The trusted proxy keeps its connection open between requests.
     let mut s = connect_from(Ipv4Addr::new(127, 0, 0, 1), daemon.addr);

@@ -62,16 +62,12 @@ fn mirrored_post_with_large_body_grants_the_client_in_every_unlocked_service_onl
     let response = send_raw(daemon.addr, post).expect("mirrored POST");
     assert_eq!(response.status, 200, "{}", response.head);
 
-    let granted = Instant::now();
-    let lists = setup.wait_lists(
-        "198.51.100.23 in immich and jellyfin",
-        Duration::from_secs(1),
-        |l| {
-            has(l, "gatekeeper-immich", "198.51.100.23/32")
-                && has(l, "gatekeeper-jellyfin", "198.51.100.23/32")
-        },
-    );
-    assert!(granted.elapsed() <= Duration::from_secs(1));
+    // A lone grant is written when made; the only other writes are the periodic flushes, 30 s
+    // apart, later than SOON gives up. No bound on the machine's speed.
+    let lists = setup.wait_lists("198.51.100.23 in immich and jellyfin", SOON, |l| {
+        has(l, "gatekeeper-immich", "198.51.100.23/32")
+            && has(l, "gatekeeper-jellyfin", "198.51.100.23/32")
+    });
     assert_eq!(lists["gatekeeper-immich"], strings(&["198.51.100.23/32"]));
     assert_eq!(lists["gatekeeper-jellyfin"], strings(&["198.51.100.23/32"]));
     assert_eq!(
@@ -410,11 +406,11 @@ fn idle_ttl_expires_entries_with_no_request_arriving() {
     assert_eq!(setup.state_entries().len(), 1);
 
     // No request from here on.
-    setup.wait_lists(
-        "the entry to expire from the Traefik file",
-        Duration::from_secs(3),
-        |l| l["gatekeeper-immich"] == strings(&["0.0.0.0/32"]),
-    );
+    // SOON only catches an entry left to a later write (the periodic flush is 30 s away) or never
+    // expired; the timing asserted is the lower bound below.
+    setup.wait_lists("the entry to expire from the Traefik file", SOON, |l| {
+        l["gatekeeper-immich"] == strings(&["0.0.0.0/32"])
+    });
     assert!(
         sent.elapsed() >= Duration::from_secs(1),
         "expired after {:?}, before its idle_ttl of 1s",

@@ -29,6 +29,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_gatekeeper");
 pub const POLL: Duration = Duration::from_millis(20);
 /// Generous upper bound for anything that should happen "at once" (a start, a write).
 pub const SOON: Duration = Duration::from_secs(10);
+/// Deadline for something that comes only after one of the daemon's own timeouts or delays (a
+/// few seconds): long enough that only a hang misses it. A liveness check, not a speed assertion:
+/// functional tests assert no upper bound on time (benches measure time).
+pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Poll `check` every [`POLL`] until it returns `Ok` or `timeout` passes; then panic with `what`
 /// and the last `Err` (what was observed instead).
@@ -465,7 +469,21 @@ pub fn http(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Reply {
+    http_within(addr, method, target, headers, body, SOON)
+}
+
+/// [`http`], waiting up to `patience` for the answer (a liveness bound for an answer that comes
+/// only after a timeout of the daemon's own).
+pub fn http_within(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    patience: Duration,
+) -> Reply {
     let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(patience)).unwrap();
     http_on(stream, addr, method, target, headers, body)
 }
 
@@ -503,7 +521,6 @@ fn http_on(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Reply {
-    stream.set_read_timeout(Some(SOON)).unwrap();
     let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));

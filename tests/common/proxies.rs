@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::{Daemon, POLL, SOON, free_port, read_state, wait_for};
+use super::{Daemon, PATIENCE, POLL, SOON, free_port, read_state, wait_for};
 
 /// The trusted site (client certificate required, its traffic is the mirror source).
 pub const HA: &str = "ha.test";
@@ -1156,8 +1156,9 @@ impl Stack {
 pub mod flows {
     use super::*;
 
-    /// Enough for anything asynchronous (nginx's mirror, a state file write).
-    const ASYNC: Duration = Duration::from_secs(5);
+    /// Enough for anything asynchronous (nginx's mirror, a state file write): the harness's
+    /// liveness deadline, no bound on the machine's speed.
+    const ASYNC: Duration = SOON;
 
     fn assert_body(reply: &Reply, want: &str) {
         assert_eq!(reply.body, want, "{reply:?}");
@@ -1377,15 +1378,33 @@ pub mod flows {
                 ..Options::default()
             },
         );
-        let signalled = Instant::now();
-        stack.expect(PHONE, HA, "/", 200);
-        stack.expect(VIEWER, PHOTOS, &format!("/share/{}", known_key()), 200);
-        stack.wait_status(PHONE, PHOTOS, "/", 200, ASYNC);
-        stack.expect(VIEWER, PHOTOS, "/", 200);
-        assert!(
-            signalled.elapsed() < idle,
-            "the grants took longer than their TTL; the test cannot tell expiry from slowness"
-        );
+        // Both grants are made and seen to work within one idle_ttl of their trust signals. A
+        // round that takes longer (a slow machine) cannot tell expiry from slowness: it is
+        // repeated, fresh signals refreshing both grants, rather than failed. Grants that never
+        // work fail after PATIENCE (a liveness bound).
+        let signalled = wait_for("a round of grants seen within idle_ttl", PATIENCE, || {
+            let signalled = Instant::now();
+            stack.expect(PHONE, HA, "/", 200);
+            stack.expect(VIEWER, PHOTOS, &format!("/share/{}", known_key()), 200);
+            // nginx's mirror is asynchronous: poll for the phone's grant within the TTL.
+            let phone = loop {
+                let status = stack.get(PHONE, PHOTOS, "/").status;
+                if status == 200 || signalled.elapsed() >= idle {
+                    break status;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            let viewer = stack.get(VIEWER, PHOTOS, "/").status;
+            let took = signalled.elapsed();
+            if phone == 200 && viewer == 200 && took < idle {
+                Ok(signalled)
+            } else {
+                Err(format!(
+                    "phone {phone}, viewer {viewer}, {took:?} after the signals\n{}",
+                    stack.logs()
+                ))
+            }
+        });
 
         // Asking /allow is no trust signal: polling does not keep the grants alive.
         stack.wait_status(PHONE, PHOTOS, "/", 403, idle + ASYNC);

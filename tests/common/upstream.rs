@@ -63,6 +63,8 @@ type Handler = dyn Fn(&Hit) -> Reply + Send + Sync;
 
 struct Shared {
     hits: Mutex<Vec<Hit>>,
+    /// Every answer sent (recorded before it is written), with the request it answers.
+    replies: Mutex<Vec<(Hit, u16, String)>>,
     connections: AtomicUsize,
     /// Requests read and not yet answered, and the most there ever were.
     in_flight: AtomicUsize,
@@ -89,6 +91,7 @@ impl StandIn {
         let addr = listener.local_addr().expect("stand-in address");
         let shared = Arc::new(Shared {
             hits: Mutex::new(Vec::new()),
+            replies: Mutex::new(Vec::new()),
             connections: AtomicUsize::new(0),
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
@@ -289,6 +292,17 @@ impl StandIn {
         self.hits().iter().map(Hit::line).collect()
     }
 
+    /// Every answer sent so far, in order: the request, the status and the body. An answer is
+    /// recorded before it goes out, so it is here by the time its receiver has it.
+    pub fn replies(&self) -> Vec<(Hit, u16, String)> {
+        self.shared.replies.lock().unwrap().clone()
+    }
+
+    /// Requests read and not answered (nor given up on) yet.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
     /// The most requests this stand-in was ever working on at once.
     pub fn max_in_flight(&self) -> usize {
         self.shared.max_in_flight.load(Ordering::SeqCst)
@@ -380,6 +394,11 @@ fn serve(shared: &Shared, mut stream: TcpStream) {
     }
     let _ = stream.read_exact(&mut buf[..head_len]);
     let reply = (shared.handler)(&hit);
+    shared
+        .replies
+        .lock()
+        .unwrap()
+        .push((hit.clone(), reply.status, reply.body.clone()));
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
         reply.status,
