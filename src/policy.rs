@@ -158,7 +158,12 @@ pub struct RedisStore {
     pub url: String,
     /// Every key gatekeeper uses starts with this and `:`.
     pub key_prefix: String,
+    /// How often every replica reads the whole shared ledger, on top of change messages.
+    pub resync_every: Duration,
 }
+
+/// `redis.resync_every` when the policy sets none.
+pub const DEFAULT_RESYNC_EVERY: Duration = Duration::from_secs(5);
 
 /// `traefik.redis:` — write each middleware in Traefik's KV layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -852,6 +857,7 @@ struct RawRedis {
     url: Field,
     key_prefix: Field,
     root_key: Field,
+    resync_every: Field,
     #[serde(flatten)]
     unknown: Unknown,
 }
@@ -1351,8 +1357,25 @@ impl RawPolicy {
             Some(TraefikRedis { url, root_key })
         });
         let redis = self.redis.as_ref().and_then(|r| {
+            let resync_every = match &r.resync_every {
+                None => DEFAULT_RESYNC_EVERY,
+                v => match c.duration("redis.resync_every", v) {
+                    Some(d) if d < Duration::from_secs(1) => {
+                        c.problem(
+                            "redis.resync_every",
+                            "must be at least 1s (change messages bring changes sooner)",
+                        );
+                        DEFAULT_RESYNC_EVERY
+                    }
+                    d => d.unwrap_or(DEFAULT_RESYNC_EVERY),
+                },
+            };
             let (url, key_prefix) = r.validate("redis", "key_prefix", "gatekeeper", &mut c)?;
-            Some(RedisStore { url, key_prefix })
+            Some(RedisStore {
+                url,
+                key_prefix,
+                resync_every,
+            })
         });
         if legacy && redis.is_some() {
             c.problem(
@@ -1467,7 +1490,19 @@ impl RawRedis {
         default: &str,
         c: &mut Checker<'_>,
     ) -> Option<(String, String)> {
-        c.unknown(key, &self.unknown, &["url", prefix_key]);
+        let resync = prefix_key == "key_prefix";
+        let known: &[&str] = if resync {
+            &["url", prefix_key, "resync_every"]
+        } else {
+            &["url", prefix_key]
+        };
+        c.unknown(key, &self.unknown, known);
+        if !resync && self.resync_every.is_some() {
+            c.problem(
+                format!("{key}.resync_every"),
+                "only `redis:` (the shared ledger) has this key",
+            );
+        }
         let (ours, other) = if prefix_key == "key_prefix" {
             (&self.key_prefix, &self.root_key)
         } else {
@@ -2189,6 +2224,7 @@ mod tests {
             (r.url.as_str(), r.key_prefix.as_str()),
             ("redis://redis:6379/0", "gatekeeper")
         );
+        assert_eq!(r.resync_every, DEFAULT_RESYNC_EVERY);
         let t = p.traefik.redis.unwrap();
         assert_eq!(
             (t.url.as_str(), t.root_key.as_str()),
@@ -2215,6 +2251,27 @@ mod tests {
         assert!(
             text.contains("traefik.redis.key_prefix: unknown key (did you mean `root_key`?)"),
             "{text}"
+        );
+
+        let hourly = from_yaml_str(
+            &format!("redis: {{ url: redis://r, resync_every: 1h }}\n{MINIMAL}"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            hourly.redis.unwrap().resync_every,
+            Duration::from_secs(3600)
+        );
+        let got = problems(&format!(
+            "redis: {{ url: redis://r, resync_every: 500ms }}\n\
+             traefik: {{ redis: {{ url: redis://kv, resync_every: 1h }} }}\n{MINIMAL}"
+        ));
+        assert_eq!(
+            got,
+            [
+                "traefik.redis.resync_every: only `redis:` (the shared ledger) has this key",
+                "redis.resync_every: must be at least 1s (change messages bring changes sooner)",
+            ]
         );
     }
 

@@ -15,7 +15,7 @@
 //! entry and evicts the least recently seen until `max_ips` hold, whichever replica sends it;
 //! expiry and revocation remove and report what they removed. A script that changed something
 //! publishes on `{key_prefix}:changes`; every replica resyncs (reads every source in one
-//! MULTI/EXEC) on such a message and every [`RESYNC_EVERY`] anyway.
+//! MULTI/EXEC) on such a message and every `redis.resync_every` (5 s by default) anyway.
 //!
 //! A new grant is applied locally only once the script has answered, so no replica ever admits
 //! more than Redis holds beyond the moment its copy lags (milliseconds, the pub/sub delay). While
@@ -43,8 +43,6 @@ use crate::ledger::{Ledger, Millis, Recorded, Removal, Removed, Restore};
 use crate::policy::{Policy, RedisStore};
 use crate::redis_io::{StoreError, timed_for};
 
-/// Every replica reads the whole shared ledger this often, on top of change messages.
-pub(crate) const RESYNC_EVERY: Duration = Duration::from_secs(5);
 /// Refreshes of known clients reach Redis this often, where they count as seen (on its clock);
 /// expiry runs as often.
 pub(crate) const TICK: Duration = Duration::from_secs(1);
@@ -621,6 +619,7 @@ pub async fn run(gate: Gate, handle: Arc<Handle>, stop: impl Future<Output = ()>
     let mut worker = Worker {
         gate: gate.clone(),
         handle: handle.clone(),
+        resync_every: store.resync_every,
         keys,
         id,
         scripts: Scripts::new(),
@@ -684,6 +683,8 @@ pub async fn run(gate: Gate, handle: Arc<Handle>, stop: impl Future<Output = ()>
 struct Worker {
     gate: Gate,
     handle: Arc<Handle>,
+    /// `redis.resync_every`.
+    resync_every: Duration,
     keys: Keys,
     id: String,
     scripts: Scripts,
@@ -760,7 +761,7 @@ impl Worker {
                 _ = tick.tick() => {
                     self.flush_touches(&mut con).await?;
                     self.expire(&mut con).await?;
-                    if last_resync.elapsed() >= RESYNC_EVERY {
+                    if last_resync.elapsed() >= self.resync_every {
                         self.resync(&mut con).await?;
                         last_resync = Instant::now();
                     }

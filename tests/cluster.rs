@@ -106,43 +106,42 @@ fn redis_entries(redis: &Redis) -> Vec<String> {
     v
 }
 
+/// Change messages, not the periodic full read, carry a change to the other replicas: with
+/// `resync_every: 1h` nothing else could bring it within the test (waits are liveness bounds).
 #[test]
-fn a_grant_on_one_replica_and_a_revoke_on_the_other_decide_everywhere_within_a_second() {
+fn a_grant_on_one_replica_and_a_revoke_on_the_other_decide_everywhere_by_change_messages() {
     let redis = Redis::start();
-    let body = policy(&redis, 10, "");
+    let body = policy(&redis, 10, "").replace(
+        "key_prefix: gk-test }",
+        "key_prefix: gk-test, resync_every: 1h }",
+    );
     let a = replica(&body);
     let b = replica(&body);
 
     let client = "198.51.100.7";
     assert_eq!(allow_status(b.daemon.addr, "immich", client), 403);
     assert_eq!(mirror(a.daemon.addr, "ha.example.com", client), 200);
-    let took = allow_becomes(b.daemon.addr, client, 200, SECOND);
+    let took = allow_becomes(b.daemon.addr, client, 200, SOON);
     eprintln!("grant on A decided on B after {took:?}");
     assert_eq!(redis_entries(&redis), vec![format!("{client}/32")]);
     // B's Traefik file shows it too, and both files agree.
     b.setup
-        .wait_lists("B's Traefik file to show A's grant", SECOND, |l| {
+        .wait_lists("B's Traefik file to show A's grant", SOON, |l| {
             l["gatekeeper-immich"] == vec![format!("{client}/32")]
         });
-    a.setup.wait_lists("A's Traefik file", SECOND, |l| {
+    a.setup.wait_lists("A's Traefik file", SOON, |l| {
         l["gatekeeper-immich"] == vec![format!("{client}/32")]
     });
 
-    // Revoked through B's admin API: A denies within a second.
-    let start = Instant::now();
+    // Revoked through B's admin API: A denies it.
     let (status, reply) =
         admin_request(b.admin, "DELETE", &format!("/api/v1/entries/{client}"), "");
     assert_eq!(status, 200, "{reply}");
-    let took = allow_becomes(
-        a.daemon.addr,
-        client,
-        403,
-        SECOND.saturating_sub(start.elapsed()),
-    );
+    let took = allow_becomes(a.daemon.addr, client, 403, SOON);
     eprintln!("revoke on B decided on A after {took:?}");
     assert!(redis_entries(&redis).is_empty());
     a.setup
-        .wait_lists("A's file to drop the revoked client", SECOND, |l| {
+        .wait_lists("A's file to drop the revoked client", SOON, |l| {
             l["gatekeeper-immich"] == vec!["0.0.0.0/32".to_string()]
         });
 
@@ -155,7 +154,7 @@ fn a_grant_on_one_replica_and_a_revoke_on_the_other_decide_everywhere_within_a_s
     );
     assert_eq!(status, 201, "{reply}");
     assert_eq!(redis_entries(&redis), vec!["203.0.113.9/32".to_string()]);
-    allow_becomes(b.daemon.addr, "203.0.113.9", 200, SECOND);
+    allow_becomes(b.daemon.addr, "203.0.113.9", 200, SOON);
     // Each grant is logged once, by the replica that made it.
     let grants_logged = |r: &Replica| {
         r.daemon
