@@ -14,6 +14,8 @@ use tracing::{debug, warn};
 
 use crate::gate::{Active, Gate};
 
+pub mod config;
+
 /// The request's host, lower-case, without port or trailing dot: the absolute-form URI's
 /// authority when present (it wins over `Host` in HTTP/1.1), else the `Host` header.
 pub fn request_host_of<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<Cow<'a, str>> {

@@ -14,9 +14,10 @@ use tracing::{debug, info, warn};
 
 use crate::client_ip::Refusal;
 use crate::gate::{Active, Gate};
-use crate::policy::{Share, ShareCheck};
 use crate::sinks::traefik_apply::Provider;
+use config::{Share, ShareCheck};
 
+pub mod config;
 pub(crate) mod state;
 
 use state::{Admission, throttle_key};

@@ -11,8 +11,8 @@ use ipnet::IpNet;
 use tokio::sync::Semaphore;
 use tracing::warn;
 
+use super::config::ShareCheck;
 use crate::ledger::Millis;
-use crate::policy::ShareCheck;
 
 /// Clients tracked per source for throttling (about 100 bytes each); past this, the least
 /// recently active are forgotten, bans last (see [`Throttle`]).
