@@ -705,6 +705,10 @@ struct Wiring {
     services: Vec<(String, Vec<IpNet>)>,
     /// For each source: the indexes of the services it unlocks, and its identity rules.
     sources: HashMap<String, (Vec<usize>, Option<Rules>)>,
+    /// For each service, the first service whose list is the same whatever the entries (the
+    /// same `always_allow`, reached by the same entries): only that one is changed, the others
+    /// share it. Usually every service is one list (`unlocks: "*"`).
+    same_as: Vec<usize>,
 }
 
 impl Wiring {
@@ -753,7 +757,7 @@ impl Wiring {
     }
 
     fn of(policy: &Policy) -> Self {
-        let sources = policy
+        let sources: HashMap<String, (Vec<usize>, Option<Rules>)> = policy
             .sources
             .iter()
             .map(|(name, source)| {
@@ -771,14 +775,28 @@ impl Wiring {
                 (name.clone(), (unlocks, rules))
             })
             .collect();
+        let services: Vec<(String, Vec<IpNet>)> = policy
+            .services
+            .iter()
+            .map(|(name, s)| (name.clone(), s.always_allow.clone()))
+            .collect();
+        let alike = |i: usize, j: usize| {
+            let (a, b) = (&services[i].0, &services[j].0);
+            services[i].1 == services[j].1
+                && sources.values().all(|(unlocks, rules)| {
+                    let lists = rules.iter().flat_map(|r| r.values());
+                    unlocks.contains(&i) == unlocks.contains(&j)
+                        && lists.into_iter().all(|l| l.contains(a) == l.contains(b))
+                })
+        };
+        let same_as = (0..services.len())
+            .map(|i| (0..i).find(|&j| alike(i, j)).unwrap_or(i))
+            .collect();
         Wiring {
             always_allow: policy.always_allow.clone(),
-            services: policy
-                .services
-                .iter()
-                .map(|(name, s)| (name.clone(), s.always_allow.clone()))
-                .collect(),
+            services,
             sources,
+            same_as,
         }
     }
 }
@@ -829,9 +847,21 @@ impl Lists {
     /// Add `e` of `source` to the lists it reaches and to the live handles.
     fn show(&mut self, source: &str, e: &Entry) {
         for i in self.wiring.reach(source, e.identity.as_deref()) {
-            self.snapshot.services[i].allowed.add(e.network);
+            if self.wiring.same_as[i] == i {
+                self.snapshot.services[i].allowed.add(e.network);
+            }
         }
+        self.share_alike();
         self.show_live(source, e);
+    }
+
+    /// Services whose lists are always the same share one (an O(1) clone).
+    fn share_alike(&mut self) {
+        for (i, &j) in self.wiring.same_as.iter().enumerate() {
+            if i != j {
+                self.snapshot.services[i].allowed = self.snapshot.services[j].allowed.clone();
+            }
+        }
     }
 
     /// Add `e` of `source` to the live handles only.
@@ -855,8 +885,11 @@ impl Lists {
     /// Take `e` of `source` out of what [`Lists::show`] added it to.
     fn hide(&mut self, source: &str, e: &Entry) {
         for i in self.wiring.reach(source, e.identity.as_deref()) {
-            self.snapshot.services[i].allowed.remove(e.network);
+            if self.wiring.same_as[i] == i {
+                self.snapshot.services[i].allowed.remove(e.network);
+            }
         }
+        self.share_alike();
         if let Some(set) = self.snapshot.live.get_mut(source) {
             set.remove(&e.network);
         }
@@ -1448,12 +1481,14 @@ mod tests {
     #[test]
     fn indexes_and_kept_lists_agree_with_a_full_scan_under_mixed_operations() {
         let yaml = "always_allow: [192.168.0.0/16]\n\
-             services: { immich: {}, nextcloud: {}, jellyfin: { always_allow: [10.0.0.3/32] } }\n\
+             services: { immich: {}, nextcloud: {}, photos: {}, jellyfin: { always_allow: [10.0.0.3/32] } }\n\
              sources:\n  \
                ha: { kind: mirror, hosts: [ha.example.com], unlocks: \"*\", max_ips: 6, idle_ttl: 10m, max_age: 30m, identity_header: X-Subject, identities: { alice: [immich] } }\n  \
                share: { kind: share, upstream: \"http://immich:2283\", path: \"^/s/[a-z]+$\", unlocks: [immich, jellyfin], max_ips: 4, idle_ttl: 5m }\n";
         let p = from_yaml_str(yaml, "t").unwrap();
         let mut l = Ledger::new(&p);
+        // nextcloud and photos are reached by the same entries: one list, shared.
+        assert_eq!(l.lists.wiring.same_as, [0, 1, 2, 2]);
         let mut rng = Lcg(15);
         let sources = ["ha", "share"];
         let identities = [None, Some("alice"), Some("bob")];
