@@ -126,7 +126,7 @@ fn render(c: &mut Criterion) {
             .into_iter()
             .map(|name| ServiceList {
                 name: name.into(),
-                allowed: allowed.clone(),
+                allowed: allowed.clone().into(),
             })
             .collect(),
     );

@@ -185,19 +185,43 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Vec<StoredEntry>, StoreError> {
 
 /// The ledger as state-file bytes: deterministic, one entry per line for people reading it.
 pub fn encode(ledger: &Ledger) -> Vec<u8> {
-    let entries = ledger
-        .entries()
-        .into_iter()
-        .map(|(source, e)| StoredEntry::new(source, e.to_restore()))
-        .collect::<Vec<_>>();
-    let mut out = format!("{{\"format\":{FORMAT},\"entries\":[");
-    for (i, e) in entries.iter().enumerate() {
-        out.push_str(if i == 0 { "\n  " } else { ",\n  " });
-        // Serialising a plain struct of strings and numbers cannot fail.
-        out.push_str(&serde_json::to_string(e).unwrap_or_default());
+    let entries = ledger.entries();
+    let mut out = format!("{{\"format\":{FORMAT},\"entries\":[").into_bytes();
+    for (i, (source, e)) in entries.iter().enumerate() {
+        out.extend_from_slice(if i == 0 { b"\n  " } else { b",\n  " });
+        let stored = StoredRef {
+            source,
+            network: e.network,
+            first_seen: e.first_seen,
+            last_seen: e.last_seen(),
+            hits: e.hits(),
+            identity: e.identity.as_deref(),
+            until: e.until,
+        };
+        // Serialising a plain struct of strings and numbers into memory cannot fail.
+        let _ = serde_json::to_writer(&mut out, &stored);
     }
-    out.push_str(if entries.is_empty() { "]}\n" } else { "\n]}\n" });
-    out.into_bytes()
+    out.extend_from_slice(if entries.is_empty() {
+        b"]}\n"
+    } else {
+        b"\n]}\n"
+    });
+    out
+}
+
+/// A [`StoredEntry`] borrowed from the ledger, serialised to the same bytes: the state file is
+/// written under the ledger's lock, so without a copy of every entry.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    source: &'a str,
+    network: IpNet,
+    first_seen: Millis,
+    last_seen: Millis,
+    hits: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    until: Option<Millis>,
 }
 
 /// Write the state file atomically (temp file, fsync, rename), skipping identical content; it is
@@ -320,6 +344,22 @@ mod tests {
                 path.display()
             )
         );
+    }
+
+    #[test]
+    fn entries_are_encoded_as_stored_entries_are() {
+        let mut l = ledger();
+        let network = "2001:db8::/64".parse().unwrap();
+        l.record("ha", network, 5, Some("CN=\"q\""));
+        l.set_until("ha", network, Some(99));
+        let text = String::from_utf8(encode(&l)).unwrap();
+        for (source, e) in l.entries() {
+            let line = serde_json::to_string(&StoredEntry::new(source, e.to_restore())).unwrap();
+            assert!(
+                text.contains(&format!("\n  {line}")),
+                "{line} not in {text}"
+            );
+        }
     }
 
     #[test]
