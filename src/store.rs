@@ -48,7 +48,8 @@ pub struct StoredEntry {
 }
 
 impl StoredEntry {
-    /// The entry `r` of `source`, as the file keeps it.
+    /// The entry `r` of `source`, as the file keeps it (the tests compare the encoder with it).
+    #[cfg(test)]
     pub(crate) fn new(source: &str, r: Restore) -> Self {
         StoredEntry {
             source: source.to_string(),
