@@ -30,7 +30,7 @@ fn ms(d: Duration) -> Millis {
 /// The part of an entry a known client's request updates. Atomics, so that path needs no lock:
 /// the snapshot hands out the same `Arc` the ledger holds.
 #[derive(Debug, Default)]
-pub struct Activity {
+pub(crate) struct Activity {
     last_seen: AtomicU64,
     hits: AtomicU64,
 }
@@ -44,18 +44,18 @@ impl Activity {
     }
 
     /// Record a request seen at `now`.
-    pub fn touch(&self, now: Millis) {
+    pub(crate) fn touch(&self, now: Millis) {
         self.last_seen.fetch_max(now, Ordering::Relaxed);
         self.hits.fetch_add(1, Ordering::Relaxed);
     }
 
     /// When the entry was last seen.
-    pub fn last_seen(&self) -> Millis {
+    pub(crate) fn last_seen(&self) -> Millis {
         self.last_seen.load(Ordering::Relaxed)
     }
 
     /// How many requests the entry has seen.
-    pub fn hits(&self) -> u64 {
+    pub(crate) fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
     }
 
@@ -72,11 +72,11 @@ pub struct Entry {
     /// The granted network (/32, or the IPv6 prefix).
     pub network: IpNet,
     /// When it was first granted.
-    pub first_seen: Millis,
+    pub(crate) first_seen: Millis,
     /// Who proved trust, when the source knows (a certificate's CN).
     pub identity: Option<String>,
     /// A fixed end set by an operator's grant (`ttl`), on top of the source's limits.
-    pub until: Option<Millis>,
+    pub(crate) until: Option<Millis>,
     activity: Arc<Activity>,
     /// The `last_seen` this entry is filed under in its book's LRU index (see [`Book`]).
     lru_seen: Millis,
@@ -84,17 +84,17 @@ pub struct Entry {
 
 impl Entry {
     /// When the entry was last seen.
-    pub fn last_seen(&self) -> Millis {
+    pub(crate) fn last_seen(&self) -> Millis {
         self.activity.last_seen()
     }
 
     /// How many requests the entry has seen.
-    pub fn hits(&self) -> u64 {
+    pub(crate) fn hits(&self) -> u64 {
         self.activity.hits()
     }
 
     /// When the entry expires under `limits`, or `None` if it never does.
-    pub fn expires_at(&self, limits: &Limits) -> Option<Millis> {
+    pub(crate) fn expires_at(&self, limits: &Limits) -> Option<Millis> {
         let idle = limits
             .idle_ttl
             .map(|t| self.last_seen().saturating_add(ms(t)));
@@ -145,22 +145,22 @@ impl Entry {
 #[derive(Debug, Clone)]
 pub struct Restore {
     /// The network.
-    pub network: IpNet,
+    pub(crate) network: IpNet,
     /// First granted.
-    pub first_seen: Millis,
+    pub(crate) first_seen: Millis,
     /// Last seen.
-    pub last_seen: Millis,
+    pub(crate) last_seen: Millis,
     /// Requests seen.
-    pub hits: u64,
+    pub(crate) hits: u64,
     /// Who proved trust.
-    pub identity: Option<String>,
+    pub(crate) identity: Option<String>,
     /// A fixed end, if an operator set one.
-    pub until: Option<Millis>,
+    pub(crate) until: Option<Millis>,
 }
 
 /// Why an entry left the ledger.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Removal {
+pub(crate) enum Removal {
     /// Pushed out by a newer client (LRU, `max_ips`).
     Evicted,
     /// Not seen for `idle_ttl`.
@@ -173,7 +173,7 @@ pub enum Removal {
 
 impl Removal {
     /// The metrics label: evicted, expired or revoked.
-    pub fn metric(self) -> &'static str {
+    pub(crate) fn metric(self) -> &'static str {
         match self {
             Removal::Evicted => "evicted",
             Removal::Idle | Removal::MaxAge => "expired",
@@ -182,7 +182,7 @@ impl Removal {
     }
 
     /// Lower-case word for logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Removal::Evicted => "evicted",
             Removal::Idle => "expired (idle)",
@@ -196,13 +196,13 @@ impl Removal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Removed {
     /// The source it belonged to.
-    pub source: String,
+    pub(crate) source: String,
     /// The network.
-    pub network: IpNet,
+    pub(crate) network: IpNet,
     /// Its identity, if known.
-    pub identity: Option<String>,
+    pub(crate) identity: Option<String>,
     /// Why it left.
-    pub why: Removal,
+    pub(crate) why: Removal,
 }
 
 /// What recording a client did.
@@ -460,7 +460,7 @@ impl Ledger {
 
     /// Adopt a (re)loaded policy: entries of removed sources are dropped, lowered limits evict the
     /// least recently seen. Returns what was removed.
-    pub fn apply_policy(&mut self, policy: &Policy) -> Vec<Removed> {
+    pub(crate) fn apply_policy(&mut self, policy: &Policy) -> Vec<Removed> {
         let mut removed = Vec::new();
         let old = std::mem::take(&mut self.books);
         for (name, book) in old {
@@ -528,7 +528,12 @@ impl Ledger {
 
     /// Set a fixed end on an entry (an operator's grant with a TTL). Returns false when there is
     /// no such entry.
-    pub fn set_until(&mut self, source: &str, network: IpNet, until: Option<Millis>) -> bool {
+    pub(crate) fn set_until(
+        &mut self,
+        source: &str,
+        network: IpNet,
+        until: Option<Millis>,
+    ) -> bool {
         self.books
             .get_mut(source)
             .and_then(|b| b.change(source, &mut self.lists, network, |e| e.until = until))
@@ -546,7 +551,7 @@ impl Ledger {
 
     /// Add `r` to `source`, or update the entry it already has (see [`Entry`]'s update: the
     /// activity handle is kept). Returns false for an unknown source.
-    pub fn upsert(&mut self, source: &str, r: Restore) -> bool {
+    pub(crate) fn upsert(&mut self, source: &str, r: Restore) -> bool {
         let Some(book) = self.books.get_mut(source) else {
             return false;
         };
@@ -562,7 +567,7 @@ impl Ledger {
     /// here are updated in place (their activity handles kept). Returns the networks added, the
     /// networks removed, and whether anything a snapshot shows changed; `None` for an unknown
     /// source.
-    pub fn sync_source(
+    pub(crate) fn sync_source(
         &mut self,
         source: &str,
         entries: Vec<Restore>,
@@ -595,7 +600,7 @@ impl Ledger {
     }
 
     /// Remove one entry, as `why`.
-    pub fn remove(&mut self, source: &str, network: IpNet, why: Removal) -> Option<Removed> {
+    pub(crate) fn remove(&mut self, source: &str, network: IpNet, why: Removal) -> Option<Removed> {
         let e = self
             .books
             .get_mut(source)?
@@ -609,7 +614,7 @@ impl Ledger {
     }
 
     /// Enforce every source's limit after a restore; returns the evicted entries.
-    pub fn enforce_limits(&mut self) -> Vec<Removed> {
+    pub(crate) fn enforce_limits(&mut self) -> Vec<Removed> {
         let mut removed = Vec::new();
         for (name, book) in &mut self.books {
             let max = book.limits.max_ips;
@@ -619,7 +624,7 @@ impl Ledger {
     }
 
     /// Remove `network` from `source`, or from every source when `source` is `None`.
-    pub fn revoke(&mut self, network: IpNet, source: Option<&str>) -> Vec<Removed> {
+    pub(crate) fn revoke(&mut self, network: IpNet, source: Option<&str>) -> Vec<Removed> {
         let mut removed = Vec::new();
         for (name, book) in &mut self.books {
             if source.is_some_and(|s| s != name) {
@@ -642,7 +647,7 @@ impl Ledger {
     /// store needs it, where replicas may briefly run different limits). An entry both idle and
     /// too old is reported by the deadline it passed first, max age on a tie: when expiry runs
     /// (at once, a tick later, after a restart) must not change the reason.
-    pub fn expire(&mut self, now: Millis) -> Vec<Removed> {
+    pub(crate) fn expire(&mut self, now: Millis) -> Vec<Removed> {
         let mut removed = Vec::new();
         for (name, book) in &mut self.books {
             removed.extend(book.expire(name, &mut self.lists, now));
@@ -655,12 +660,12 @@ impl Ledger {
 
     /// When the next entry is due to expire, if any ever is. Takes `&mut self` to re-file the
     /// LRU keys that lock-free refreshes left stale (see [`Book`]).
-    pub fn next_due(&mut self) -> Option<Millis> {
+    pub(crate) fn next_due(&mut self) -> Option<Millis> {
         self.books.values_mut().filter_map(Book::next_due).min()
     }
 
     /// Every entry with its source, in source order then network order.
-    pub fn entries(&self) -> Vec<(&str, &Entry)> {
+    pub(crate) fn entries(&self) -> Vec<(&str, &Entry)> {
         let mut out = Vec::new();
         for (name, book) in &self.books {
             out.extend(book.entries.values().map(|e| (name.as_str(), e)));
@@ -669,7 +674,8 @@ impl Ledger {
     }
 
     /// Is `network` an entry of `source`?
-    pub fn contains(&self, source: &str, network: IpNet) -> bool {
+    #[cfg(test)]
+    pub(crate) fn contains(&self, source: &str, network: IpNet) -> bool {
         self.books
             .get(source)
             .is_some_and(|b| b.entries.contains_key(&network))
@@ -688,7 +694,11 @@ impl Ledger {
 
     /// A snapshot holding only the entries `keep` accepts (by source and network), built from
     /// every entry.
-    pub fn snapshot_of(&self, policy: &Policy, keep: impl Fn(&str, &IpNet) -> bool) -> Snapshot {
+    pub(crate) fn snapshot_of(
+        &self,
+        policy: &Policy,
+        keep: impl Fn(&str, &IpNet) -> bool,
+    ) -> Snapshot {
         Lists::build(policy, &self.books, keep).snapshot
     }
 }
@@ -902,7 +912,7 @@ impl Lists {
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// Services in name order (figment reads maps sorted by key).
-    pub services: Vec<ServiceList>,
+    pub(crate) services: Vec<ServiceList>,
     live: HashMap<String, imbl::HashMap<IpNet, Arc<Live>>>,
 }
 
@@ -910,9 +920,9 @@ pub struct Snapshot {
 #[derive(Debug, Clone)]
 pub struct Live {
     /// Shared with the ledger's entry.
-    pub activity: Arc<Activity>,
+    pub(crate) activity: Arc<Activity>,
     /// The entry's identity when the snapshot was taken.
-    pub identity: Option<Box<str>>,
+    pub(crate) identity: Option<Box<str>>,
 }
 
 /// Does an entry with `identity` reach `service`? Identities with a rule reach what the rule
@@ -946,7 +956,8 @@ impl Snapshot {
     }
 
     /// Do the allow lists (what sinks render) differ from `other`'s?
-    pub fn same_lists(&self, other: &Snapshot) -> bool {
+    #[cfg(test)]
+    pub(crate) fn same_lists(&self, other: &Snapshot) -> bool {
         self.services == other.services
     }
 }
@@ -981,17 +992,18 @@ impl Networks {
     }
 
     /// How many networks.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.0.len()
     }
 
     /// Is it empty?
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
     /// Is `network` (exactly) one of them?
-    pub fn contains(&self, network: &IpNet) -> bool {
+    #[cfg(test)]
+    pub(crate) fn contains(&self, network: &IpNet) -> bool {
         self.0.contains_key(network)
     }
 

@@ -21,9 +21,9 @@ pub struct Policy {
     /// Where the policy came from, for messages: a file path or "legacy environment".
     pub origin: String,
     /// Proxy-facing listener: mirrored traffic, forward-auth, HTTP provider.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Admin listener settings.
-    pub admin: Admin,
+    pub(crate) admin: Admin,
     /// Where the ledger is kept across restarts.
     pub state_file: PathBuf,
     /// Peers whose forwarding headers are believed; never granted themselves.
@@ -37,17 +37,17 @@ pub struct Policy {
     /// Addresses that stand for many clients (a Docker network's gateway, a NAT or VPN exit in
     /// front of the proxy): never granted, nor overlapped by a grant. Not trusted either: unlike
     /// `trusted_proxies`, their `X-Forwarded-For` is not believed.
-    pub never_grant: Vec<IpNet>,
+    pub(crate) never_grant: Vec<IpNet>,
     /// Protected services by name, in name order (figment reads maps sorted by key).
     pub services: IndexMap<String, Service>,
     /// Trust sources by name, in name order.
     pub sources: IndexMap<String, Source>,
     /// Where to send notifications of grants, expiries, revocations and bans.
-    pub notify: Option<Notify>,
+    pub(crate) notify: Option<Notify>,
     /// The shared ledger on Redis/Valkey; the state file is used when absent.
-    pub redis: Option<RedisStore>,
+    pub(crate) redis: Option<RedisStore>,
     /// True when built from `MAX_IP_LEN` / `DEFAULT_SOURCE_RANGE` instead of a policy file.
-    pub legacy: bool,
+    pub(crate) legacy: bool,
     /// What is valid but dangerous (an `always_allow` range overlapping `trusted_proxies`,
     /// legacy mode's wide trust): printed by `check`, logged at start and on reload.
     pub warnings: Vec<Problem>,
@@ -55,20 +55,20 @@ pub struct Policy {
 
 /// Notification settings (`notify:`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Notify {
+pub(crate) struct Notify {
     /// Where events are POSTed.
-    pub url: http::Uri,
+    pub(crate) url: http::Uri,
     /// Body format.
-    pub format: NotifyFormat,
+    pub(crate) format: NotifyFormat,
     /// Which events are sent.
-    pub on: Vec<EventKind>,
+    pub(crate) on: Vec<EventKind>,
     /// A notification slower than this is dropped.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// How a notification is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotifyFormat {
+pub(crate) enum NotifyFormat {
     /// One JSON object.
     Json,
     /// Plain text with ntfy's `Title` and `Tags` headers.
@@ -77,7 +77,7 @@ pub enum NotifyFormat {
 
 /// The events that can be notified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum EventKind {
+pub(crate) enum EventKind {
     /// A new entry.
     Grant,
     /// An entry expired (idle, max age, or an operator's TTL).
@@ -92,7 +92,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// The name used in the policy and in notifications.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             EventKind::Grant => "grant",
             EventKind::Expire => "expire",
@@ -113,69 +113,69 @@ impl EventKind {
 
 /// Admin listener settings.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Admin {
+pub(crate) struct Admin {
     /// Address of the admin listener.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// File holding the bearer token of the admin API.
-    pub token_file: Option<PathBuf>,
+    pub(crate) token_file: Option<PathBuf>,
     /// The token itself (from `GATEKEEPER_ADMIN__TOKEN`); wins over `token_file`.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
 }
 
 /// Traefik output settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Traefik {
     /// File written for Traefik's file provider; no file output when absent.
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// Which middleware kind to render.
-    pub version: TraefikVersion,
+    pub(crate) version: TraefikVersion,
     /// Middleware name = prefix + service name.
-    pub middleware_prefix: String,
+    pub(crate) middleware_prefix: String,
     /// Passed through to Traefik's `ipStrategy`.
     pub ip_strategy: Option<IpStrategy>,
     /// Traefik's API (`http://traefik:8080`): after a new share grant, poll it until the address
     /// is in the middleware of every provider that serves it, instead of predicting when Traefik
     /// applies the change.
-    pub api: Option<http::Uri>,
+    pub(crate) api: Option<http::Uri>,
     /// Traefik's `providersThrottleDuration`: a provider's first change is applied at once, the
     /// ones that follow within this time are coalesced and applied when it has passed.
-    pub throttle: Duration,
+    pub(crate) throttle: Duration,
     /// How long Traefik takes to build and switch to a configuration its throttle let through;
     /// added to the predicted moment before a share link's 200.
-    pub settle: Duration,
+    pub(crate) settle: Duration,
     /// An explicit override: after a new share grant is written, wait exactly this long instead
     /// of predicting when Traefik applies it.
-    pub propagation_delay: Option<Duration>,
+    pub(crate) propagation_delay: Option<Duration>,
     /// Traefik's KV (Redis) provider output; none when absent.
-    pub redis: Option<TraefikRedis>,
+    pub(crate) redis: Option<TraefikRedis>,
 }
 
 /// `redis:` — the ledger lives in Redis (or Valkey) instead of the state file, shared by every
 /// gatekeeper that names the same server and prefix.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RedisStore {
+pub(crate) struct RedisStore {
     /// `redis://[user:password@]host:port/db` (or `rediss://`).
-    pub url: String,
+    pub(crate) url: String,
     /// Every key gatekeeper uses starts with this and `:`.
-    pub key_prefix: String,
+    pub(crate) key_prefix: String,
     /// How often every replica reads the whole shared ledger, on top of change messages.
-    pub resync_every: Duration,
+    pub(crate) resync_every: Duration,
 }
 
 /// `redis.resync_every` when the policy sets none.
-pub const DEFAULT_RESYNC_EVERY: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_RESYNC_EVERY: Duration = Duration::from_secs(5);
 
 /// `traefik.redis:` — write each middleware in Traefik's KV layout.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TraefikRedis {
+pub(crate) struct TraefikRedis {
     /// `redis://host:port/db`, as Traefik's Redis provider reads it.
-    pub url: String,
+    pub(crate) url: String,
     /// Traefik's `rootKey` (default `traefik`).
-    pub root_key: String,
+    pub(crate) root_key: String,
 }
 
 /// `url` fit for logs and `/healthz`: without its password.
-pub fn without_password(url: &str) -> String {
+pub(crate) fn without_password(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             // Only fails for URLs that cannot have credentials, which this one has.
@@ -195,7 +195,7 @@ pub fn without_password(url: &str) -> String {
 
 /// `url` fit for messages: without its password, query and fragment (which may hold tokens, as
 /// ntfy's `?auth=` does).
-pub fn shown_url(url: &str) -> String {
+pub(crate) fn shown_url(url: &str) -> String {
     let head = url.split(['?', '#']).next().unwrap_or(url);
     let mut shown = without_password(head);
     if head.len() < url.len() {
@@ -206,7 +206,7 @@ pub fn shown_url(url: &str) -> String {
 
 /// A Redis URL gatekeeper can use: `redis://` or `rediss://` with a host. The error names the
 /// value; credentials are not echoed.
-pub fn parse_redis_url(url: &str) -> Result<String, String> {
+pub(crate) fn parse_redis_url(url: &str) -> Result<String, String> {
     match url::Url::parse(url) {
         Ok(u)
             if matches!(u.scheme(), "redis" | "rediss")
@@ -222,20 +222,20 @@ pub fn parse_redis_url(url: &str) -> Result<String, String> {
 }
 
 /// Default `traefik.throttle`: Traefik's own default `providersThrottleDuration`.
-pub const DEFAULT_TRAEFIK_THROTTLE: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_TRAEFIK_THROTTLE: Duration = Duration::from_secs(2);
 /// Default `traefik.settle`.
-pub const DEFAULT_TRAEFIK_SETTLE: Duration = Duration::from_millis(250);
+pub(crate) const DEFAULT_TRAEFIK_SETTLE: Duration = Duration::from_millis(250);
 
 impl Traefik {
     /// The middleware name Traefik routers reference for `service` (without `@provider`).
-    pub fn middleware_name(&self, service: &str) -> String {
+    pub(crate) fn middleware_name(&self, service: &str) -> String {
         format!("{}{}", self.middleware_prefix, service)
     }
 
     /// The Traefik provider routers should take the middlewares from: the file provider when
     /// gatekeeper writes a file, else the Redis KV provider when it writes there, else the HTTP
     /// provider (which reads `/traefik/dynamic.json`, always served).
-    pub fn provider(&self) -> &'static str {
+    pub(crate) fn provider(&self) -> &'static str {
         if self.file.is_some() {
             "file"
         } else if self.redis.is_some() {
@@ -246,14 +246,14 @@ impl Traefik {
     }
 
     /// What a router's `middlewares` names for `service`: `gatekeeper-immich@file`.
-    pub fn middleware_ref(&self, service: &str) -> String {
+    pub(crate) fn middleware_ref(&self, service: &str) -> String {
         format!("{}@{}", self.middleware_name(service), self.provider())
     }
 }
 
 /// Traefik major version, which decides the middleware's name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TraefikVersion {
+pub(crate) enum TraefikVersion {
     /// `ipWhiteList` (Traefik 2).
     V2,
     /// `ipAllowList` (Traefik 3).
@@ -275,7 +275,7 @@ pub struct IpStrategy {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Service {
     /// Ranges always allowed for this service only.
-    pub always_allow: Vec<IpNet>,
+    pub(crate) always_allow: Vec<IpNet>,
 }
 
 /// A way to prove trust, and what it unlocks.
@@ -284,7 +284,7 @@ pub struct Source {
     /// How trust is proven.
     pub kind: SourceKind,
     /// Names of the services this source unlocks (`"*"` already expanded).
-    pub unlocks: Vec<String>,
+    pub(crate) unlocks: Vec<String>,
     /// Limits on the entries this source keeps.
     pub limits: Limits,
 }
@@ -296,9 +296,9 @@ pub struct Limits {
     pub max_ips: usize,
     /// An entry not seen for this long expires; `None` only in legacy mode (the old app never
     /// expired anything).
-    pub idle_ttl: Option<Duration>,
+    pub(crate) idle_ttl: Option<Duration>,
     /// An entry expires this long after it was first granted, however active.
-    pub max_age: Option<Duration>,
+    pub(crate) max_age: Option<Duration>,
 }
 
 /// The kinds of trust source.
@@ -310,24 +310,24 @@ pub enum SourceKind {
     Share(Share),
 }
 
-pub use crate::sources::mirror::config::Mirror;
-pub use crate::sources::share::config::{Share, ShareCheck, SharePattern};
+pub(crate) use crate::sources::mirror::config::Mirror;
+pub(crate) use crate::sources::share::config::{Share, ShareCheck, SharePattern};
 
 // ---------------------------------------------------------------------------------------------
 // Loading
 // ---------------------------------------------------------------------------------------------
 
 /// Default policy path when neither `--config` nor `GATEKEEPER_CONFIG` names one.
-pub const DEFAULT_PATH: &str = "./gatekeeper.yaml";
+pub(crate) const DEFAULT_PATH: &str = "./gatekeeper.yaml";
 
 /// Trusted proxies when a policy file names none: loopback only. Trusting a whole private range
 /// by default would let any container or LAN host have any address granted; a proxy elsewhere
 /// must be named (`trusted_proxies: [172.30.0.2/32]`).
-pub const DEFAULT_TRUSTED_PROXIES: &[&str] = &["127.0.0.0/8", "::1/128"];
+pub(crate) const DEFAULT_TRUSTED_PROXIES: &[&str] = &["127.0.0.0/8", "::1/128"];
 
 /// Trusted proxies in legacy mode (no policy file): loopback and every private range, as the old
 /// image believed any peer; kept for drop-in compatibility, with a warning at start.
-pub const LEGACY_TRUSTED_PROXIES: &[&str] = &[
+pub(crate) const LEGACY_TRUSTED_PROXIES: &[&str] = &[
     "127.0.0.0/8",
     "10.0.0.0/8",
     "172.16.0.0/12",
@@ -340,15 +340,15 @@ pub const LEGACY_TRUSTED_PROXIES: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Location {
     /// The policy file.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// True when the user named the file (`--config` or `GATEKEEPER_CONFIG`): then a missing file
     /// is an error, never a silent switch to legacy mode.
-    pub explicit: bool,
+    pub(crate) explicit: bool,
 }
 
 impl Location {
     /// `--config`, else `GATEKEEPER_CONFIG`, else [`DEFAULT_PATH`].
-    pub fn resolve(flag: Option<PathBuf>, env: &BTreeMap<String, String>) -> Location {
+    pub(crate) fn resolve(flag: Option<PathBuf>, env: &BTreeMap<String, String>) -> Location {
         match flag.or_else(|| env.get("GATEKEEPER_CONFIG").map(PathBuf::from)) {
             Some(path) => Location {
                 path,
@@ -479,7 +479,7 @@ fn with_raw_token(mut policy: Policy, env: &BTreeMap<String, String>) -> Policy 
 }
 
 /// Origin named in messages for a policy built from the legacy variables.
-pub const LEGACY_ORIGIN: &str = "legacy environment (MAX_IP_LEN, DEFAULT_SOURCE_RANGE)";
+pub(crate) const LEGACY_ORIGIN: &str = "legacy environment (MAX_IP_LEN, DEFAULT_SOURCE_RANGE)";
 
 /// Parse and validate a policy from YAML text, without environment variables (tests, tools).
 pub fn from_yaml_str(yaml: &str, origin: &str) -> Result<Policy, PolicyError> {
@@ -593,16 +593,16 @@ fn legacy_origin(key: &str, env: &BTreeMap<String, String>) -> Option<String> {
 
 /// Name of the one service legacy mode protects; also its middleware name (no prefix), so routers
 /// labelled `dynamic-whitelist@file` keep working when the image is swapped.
-pub const LEGACY_SERVICE: &str = "dynamic-whitelist";
+pub(crate) const LEGACY_SERVICE: &str = "dynamic-whitelist";
 /// Name of legacy mode's one mirror source.
-pub const LEGACY_SOURCE: &str = "legacy-mirror";
+pub(crate) const LEGACY_SOURCE: &str = "legacy-mirror";
 /// The old image's working directory held the output file; legacy installs bind-mount it there.
-pub const LEGACY_FILE: &str = "./dynamic-whitelist.yml";
+pub(crate) const LEGACY_FILE: &str = "./dynamic-whitelist.yml";
 /// The old app's limit when `MAX_IP_LEN` was not set.
-pub const LEGACY_DEFAULT_MAX_IPS: &str = "10";
+pub(crate) const LEGACY_DEFAULT_MAX_IPS: &str = "10";
 
 /// Is any legacy variable set?
-pub fn is_legacy_env(env: &BTreeMap<String, String>) -> bool {
+pub(crate) fn is_legacy_env(env: &BTreeMap<String, String>) -> bool {
     ["MAX_IP_LEN", "MAX_ALLOWED_IPS", "DEFAULT_SOURCE_RANGE"]
         .iter()
         .any(|k| env.contains_key(*k))
@@ -610,7 +610,7 @@ pub fn is_legacy_env(env: &BTreeMap<String, String>) -> bool {
 
 /// The policy the legacy variables describe, as YAML, so it goes through the same validation as a
 /// file (and `gatekeeper check` can print it as a starting point for a policy file).
-pub fn legacy_yaml(env: &BTreeMap<String, String>) -> Option<String> {
+pub(crate) fn legacy_yaml(env: &BTreeMap<String, String>) -> Option<String> {
     if !is_legacy_env(env) {
         return None;
     }
@@ -889,9 +889,9 @@ fn keys_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
 }
 
 /// Default `max_ips` of a source that sets none.
-pub const DEFAULT_MAX_IPS: usize = 10;
+pub(crate) const DEFAULT_MAX_IPS: usize = 10;
 /// Default `idle_ttl` of a source that sets none.
-pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Collects problems with their key paths, and types raw values.
 struct Checker<'a> {
@@ -1074,7 +1074,7 @@ impl Checker<'_> {
 
 /// Parse `10.0.0.0/8`, `2001:db8::/32` or a bare address (taken as /32 or /128). Host bits are
 /// cleared (`10.1.2.3/8` → `10.0.0.0/8`), which is what Traefik does too.
-pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
+pub(crate) fn parse_cidr(s: &str) -> Result<IpNet, String> {
     let t = s.trim();
     if let Ok(net) = t.parse::<IpNet>() {
         return Ok(net.trunc());
@@ -1088,7 +1088,7 @@ pub fn parse_cidr(s: &str) -> Result<IpNet, String> {
 }
 
 /// Parse `90s`, `12h`, `7d`, `1h30m`, `500ms`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     match humantime::parse_duration(s.trim()) {
         Ok(d) if !d.is_zero() => Ok(d),
         Ok(_) => Err(format!("`{s}` is zero; a duration must be positive")),
@@ -2020,7 +2020,7 @@ fn compile_pattern(path: &str, check: Option<&str>) -> Result<SharePattern, Stri
 }
 
 /// The `{name}` placeholders of a check template.
-pub fn placeholders(template: &str) -> impl Iterator<Item = &str> {
+pub(crate) fn placeholders(template: &str) -> impl Iterator<Item = &str> {
     template
         .split('{')
         .skip(1)
@@ -2038,16 +2038,8 @@ impl Policy {
         v
     }
 
-    /// The mirror source that owns `host` (lower-case, without port), if any.
-    pub fn mirror_for_host(&self, host: &str) -> Option<&str> {
-        self.sources.iter().find_map(|(name, s)| match &s.kind {
-            SourceKind::Mirror(m) if m.hosts.iter().any(|h| h == host) => Some(name.as_str()),
-            _ => None,
-        })
-    }
-
     /// The legacy catch-all mirror source, if any.
-    pub fn catch_all_mirror(&self) -> Option<&str> {
+    pub(crate) fn catch_all_mirror(&self) -> Option<&str> {
         self.sources.iter().find_map(|(name, s)| match &s.kind {
             SourceKind::Mirror(m) if m.catch_all => Some(name.as_str()),
             _ => None,

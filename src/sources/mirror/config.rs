@@ -7,14 +7,14 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mirror {
     /// Lower-case host names, without port.
-    pub hosts: Vec<String>,
+    pub(crate) hosts: Vec<String>,
     /// Legacy mode: every request no other route claims counts as mirrored.
-    pub catch_all: bool,
+    pub(crate) catch_all: bool,
     /// The header in which the proxy passes the client certificate's subject (nginx
     /// `$ssl_client_s_dn`, Caddy `{http.request.tls.client.subject}`, or Traefik's
     /// `X-Forwarded-Tls-Client-Cert-Info`). The proxy must overwrite it on every request.
-    pub identity_header: Option<http::HeaderName>,
+    pub(crate) identity_header: Option<http::HeaderName>,
     /// Certificate CN → the services that certificate unlocks (a subset of `unlocks`);
     /// identities not listed unlock all of `unlocks`.
-    pub identities: BTreeMap<String, Vec<String>>,
+    pub(crate) identities: BTreeMap<String, Vec<String>>,
 }

@@ -11,7 +11,7 @@ pub struct Share {
     /// Path patterns, anchored; a forwarded URI must match one before anything is sent.
     pub patterns: Vec<SharePattern>,
     /// How the upstream is asked and how hard it may be asked.
-    pub check: ShareCheck,
+    pub(crate) check: ShareCheck,
 }
 
 impl PartialEq for Share {
@@ -24,23 +24,23 @@ impl PartialEq for Share {
 
 /// How a share source checks links upstream, and its brute-force limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ShareCheck {
+pub(crate) struct ShareCheck {
     /// HEAD instead of GET.
-    pub head: bool,
+    pub(crate) head: bool,
     /// A check slower than this fails closed (503).
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Upstream statuses that mean "valid link".
-    pub valid_status: Vec<u16>,
+    pub(crate) valid_status: Vec<u16>,
     /// Failed checks per client within `failure_window` before it is banned.
-    pub max_failures: u32,
+    pub(crate) max_failures: u32,
     /// Window in which failures are counted.
-    pub failure_window: Duration,
+    pub(crate) failure_window: Duration,
     /// How long a client that failed too often gets 429 without the upstream being asked.
-    pub ban: Duration,
+    pub(crate) ban: Duration,
     /// Upstream checks of this source in flight at once.
-    pub max_concurrent_checks: usize,
+    pub(crate) max_concurrent_checks: usize,
     /// A valid answer is remembered this long, so one viewer's burst asks the upstream once.
-    pub cache: Duration,
+    pub(crate) cache: Duration,
 }
 
 impl Default for ShareCheck {
@@ -65,7 +65,7 @@ pub struct SharePattern {
     pub regex: regex::Regex,
     /// Path and query to request on the upstream, with `{name}` for named captures; `None` checks
     /// the forwarded path and query as they are.
-    pub check: Option<String>,
+    pub(crate) check: Option<String>,
 }
 
 impl PartialEq for SharePattern {
