@@ -43,24 +43,24 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod atomic_file;
 pub mod cli;
 pub mod client_ip;
 pub mod daemon;
 pub mod gate;
-pub mod health;
-pub mod http;
-pub mod labels;
+pub(crate) mod health;
+pub(crate) mod http;
+pub(crate) mod labels;
 pub mod ledger;
-pub mod metrics;
-pub mod notify;
-pub mod outbound;
+pub(crate) mod metrics;
+pub(crate) mod notify;
+pub(crate) mod outbound;
 pub mod policy;
-pub mod redis_io;
+pub(crate) mod redis_io;
 pub mod server;
 pub mod shared_store;
 pub mod sinks;
 pub mod sources;
-pub mod spans;
+pub(crate) mod spans;
 pub mod store;

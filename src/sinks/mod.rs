@@ -1,7 +1,7 @@
 //! Sinks: where the effective allow lists go. Each renders a [`Snapshot`](crate::ledger::Snapshot)
 //! purely (a string, or Traefik's KV pairs); writing it is a separate small step.
 
-pub mod outputs;
-pub mod traefik_apply;
+pub(crate) mod outputs;
+pub(crate) mod traefik_apply;
 pub mod traefik_file;
-pub mod traefik_redis;
+pub(crate) mod traefik_redis;
