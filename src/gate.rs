@@ -425,7 +425,6 @@ impl Gate {
             state: self.inner.backend.state_file(&ledger),
             snapshot: self.snapshot(),
             generation: *self.inner.changes.borrow(),
-            entries: keys(&ledger),
         }
     }
 
@@ -920,8 +919,6 @@ pub(crate) struct Capture {
     pub(crate) snapshot: Arc<Snapshot>,
     /// The change counter of the same moment.
     pub(crate) generation: u64,
-    /// The entries of the same moment, as (source, network).
-    pub(crate) entries: HashSet<(String, IpNet)>,
 }
 
 fn keys(ledger: &Ledger) -> HashSet<(String, IpNet)> {

@@ -156,7 +156,7 @@ pub fn load(path: &Path) -> Result<Vec<StoredEntry>, StoreError> {
     decode(path, &bytes)
 }
 
-fn decode(path: &Path, bytes: &[u8]) -> Result<Vec<StoredEntry>, StoreError> {
+pub(crate) fn decode(path: &Path, bytes: &[u8]) -> Result<Vec<StoredEntry>, StoreError> {
     let corrupt = |message: String| StoreError::Corrupt {
         path: path.to_path_buf(),
         message,

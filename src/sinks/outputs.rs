@@ -34,7 +34,7 @@ pub(crate) async fn run(gate: Gate, shutdown: impl Future<Output = ()>) {
     let mut changes = gate.watch_changes();
     // Whatever the ledger holds now was restored from the state file.
     let mut writer = OutputWriter {
-        persisted: gate.entry_keys(),
+        restored: gate.entry_keys(),
         ..OutputWriter::default()
     };
     tokio::pin!(shutdown);
@@ -108,11 +108,29 @@ struct OutputWriter {
     state: Option<(PathBuf, Vec<u8>)>,
     /// Path and text of the last Traefik file written.
     traefik: Option<(PathBuf, String)>,
-    /// The entries in the last state file written.
-    persisted: HashSet<(String, IpNet)>,
+    /// The entries the state file held at the start (restored from it).
+    restored: HashSet<(String, IpNet)>,
 }
 
 impl OutputWriter {
+    /// The entries of the last state file written (read back from its bytes: only needed while
+    /// writing fails, so a write does not pay for it), or of the one restored at the start.
+    fn persisted(&self) -> HashSet<(String, IpNet)> {
+        let written = self.state.as_ref().map(|(path, bytes)| {
+            store::decode(path, bytes).map(|entries| {
+                entries
+                    .into_iter()
+                    .map(|e| (e.source, e.network))
+                    .collect()
+            })
+        });
+        match written {
+            Some(Ok(entries)) => entries,
+            // Bytes gatekeeper wrote itself always read back; keep the restored set if not.
+            Some(Err(_)) | None => self.restored.clone(),
+        }
+    }
+
     /// Write what changed; publish the change counter as persisted once the state file holds it.
     /// Returns false when something failed (logged, reported on health, retried by the caller).
     fn flush(&mut self, gate: &Gate) -> bool {
@@ -127,7 +145,6 @@ impl OutputWriter {
             state,
             snapshot,
             generation,
-            entries,
         } = gate.capture();
         let state = state.map(|bytes| (policy.state_file.clone(), bytes));
         let mut state_ok = true;
@@ -154,13 +171,12 @@ impl OutputWriter {
         // file cannot be written, only entries it already holds, so revocations and expiries
         // still reach the proxy but a grant that would be forgotten by a crash does not.
         let (shown, shown_generation) = if state_ok {
-            self.persisted = entries;
             gate.mark_persisted(generation);
             (snapshot, generation)
         } else {
             // Every grant up to the last persisted change is in it, none after.
             (
-                gate.snapshot_of(&self.persisted),
+                gate.snapshot_of(&self.persisted()),
                 gate.persisted_generation(),
             )
         };
