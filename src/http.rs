@@ -427,3 +427,69 @@ async fn legacy_verify(
         .await
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    /// A catch-all source takes, before the router, every path that [`endpoint_of`] calls a
+    /// mirror: none of them may be one a route takes. Asked of the router of a policy without a
+    /// catch-all, whose fallback alone answers "not found".
+    #[tokio::test]
+    async fn no_route_takes_a_path_the_catch_all_claims() {
+        let policy = crate::policy::from_yaml_str(
+            "services: { immich: {} }\nsources:\n  ha: { kind: mirror, hosts: [ha.example.com], unlocks: \"*\" }\n",
+            "test",
+        )
+        .unwrap();
+        let router = router(Gate::new(policy, Vec::new()).0);
+        let paths = [
+            "/",
+            "/x/y?z=1",
+            "/share",
+            "/share/",
+            "/share/photos",
+            "/share/a/b",
+            "/allow",
+            "/allow/",
+            "/allow/immich",
+            "/allow/a/b",
+            "/%61llow/immich",
+            "/ALLOW/immich",
+            "//allow/immich",
+            "/traefik",
+            DYNAMIC_JSON,
+            "/traefik/dynamic.json/",
+            "/verify_share_request",
+            "/verify_share_request/",
+            "/verify_share_requests",
+        ];
+        let mut routed = 0;
+        for path in paths {
+            for method in ["GET", "POST"] {
+                let mut req = http::Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(Body::empty())
+                    .unwrap();
+                let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let res = router.clone().oneshot(req).await.unwrap();
+                let status = res.status();
+                let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+                    .await
+                    .unwrap();
+                let fallback = status == StatusCode::NOT_FOUND && body == "not found\n";
+                let uri: Uri = path.parse().unwrap();
+                if endpoint_of(uri.path(), true) == Endpoint::Mirror {
+                    assert!(fallback, "{method} {path}: {status} {body:?}");
+                }
+                routed += usize::from(!fallback);
+            }
+        }
+        // The routes are there to be missed: each of the four answered some of these.
+        assert!(routed >= 8, "{routed}");
+    }
+}
