@@ -2,8 +2,9 @@
 //! forward-auth, allow decisions, the Traefik HTTP provider and the legacy share endpoint. Only
 //! peers inside `trusted_proxies` are believed.
 //!
-//! The two hot paths, mirrored requests and `/allow/{service}`, are answered by [`Proxy`] straight
-//! from hyper's request; everything else goes through the axum [`router`].
+//! The two hot paths, mirrored requests (claimed by Host, or by a catch-all source such as legacy
+//! mode's) and `/allow/{service}`, are answered by [`Proxy`] straight from hyper's request;
+//! everything else goes through the axum [`router`].
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -37,6 +38,8 @@ pub const DYNAMIC_JSON: &str = "/traefik/dynamic.json";
 /// `ConnectInfo<SocketAddr>` (see [`crate::server::serve`]). The daemon serves it behind
 /// [`Proxy`], which answers the hot paths before it.
 pub fn router(gate: Gate) -> Router {
+    // `endpoint_of` must name every path of these routes: a path it calls a mirror is answered
+    // by a catch-all source before the router (see `claim_unrouted`).
     Router::new()
         .route("/share/{source}", any(share_check))
         .route("/allow/{service}", any(allow))
@@ -48,10 +51,11 @@ pub fn router(gate: Gate) -> Router {
 }
 
 /// The proxy-facing service of one connection. Mirrored requests and `/allow/{service}` (every
-/// request of the trusted service; every request to every protected service behind nginx or
-/// Caddy) are answered here, as [`router`] would answer them, but without its per-request
-/// boxing, extraction and `ConnectInfo` extension, which cost about a fifth of gatekeeper's
-/// throughput (see the README's Performance section). Anything else goes to the router.
+/// request of the trusted service, or of every client in legacy mode; every request to every
+/// protected service behind nginx or Caddy) are answered here, as [`router`] would answer them,
+/// but without its per-request boxing, extraction and `ConnectInfo` extension, which cost about a
+/// fifth of gatekeeper's throughput (see the README's Performance section). Anything else goes to
+/// the router.
 #[derive(Clone)]
 pub struct Proxy {
     gate: Gate,
@@ -93,13 +97,35 @@ impl Proxy {
         if let Some(response) = claim_mirrored(&self.gate, &active, uri, headers, Some(self.peer)) {
             return Some(response);
         }
-        let service = allow_service(uri.path())?;
-        let response = allow_answer(&self.gate, &active, self.peer, &service, headers);
-        self.gate
-            .metrics()
-            .request(Endpoint::Allow, response.status().as_u16());
-        Some(response)
+        if let Some(service) = allow_service(uri.path()) {
+            let response = allow_answer(&self.gate, &active, self.peer, &service, headers);
+            self.gate
+                .metrics()
+                .request(Endpoint::Allow, response.status().as_u16());
+            return Some(response);
+        }
+        claim_unrouted(&self.gate, &active, uri.path(), self.peer, headers)
     }
+}
+
+/// In a policy with a catch-all mirror source (legacy mode), a request whose path no route of
+/// [`router`] can match is that source's: answered, recorded and counted as the router's
+/// [`unclaimed`] fallback would. `None` for the paths of a route, even those the route will turn
+/// down (a nested `/share/a/b`, a `POST` of the JSON): the router judges them as before.
+fn claim_unrouted(
+    gate: &Gate,
+    active: &Active,
+    path: &str,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+) -> Option<Response> {
+    let source = active.catch_all.as_deref()?;
+    if endpoint_of(path, true) != Endpoint::Mirror {
+        return None;
+    }
+    let status = mirror::record(gate, active, source, peer.ip(), headers);
+    gate.metrics().request(Endpoint::Mirror, status.as_u16());
+    Some(status.into_response())
 }
 
 /// Bodies up to this size are left to hyper, which drains by itself a body already in its buffer
@@ -233,7 +259,9 @@ fn endpoint_of(path: &str, catch_all: bool) -> Endpoint {
     }
 }
 
-/// Nothing else claimed the request: legacy mode counts it as mirrored, otherwise 404.
+/// Nothing else claimed the request: legacy mode counts it as mirrored, otherwise 404. (In the
+/// daemon, [`Proxy`] answers a catch-all source's requests before the router; those that reach
+/// this are on a route's path, such as `/share/a/b`.)
 async fn unclaimed(State(gate): State<Gate>, req: Request) -> Response {
     let active = gate.active();
     match (&active.catch_all, peer(&req)) {
@@ -398,4 +426,70 @@ async fn legacy_verify(
     share::forward_auth(&gate, &active, &source, peer.ip(), &headers)
         .await
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    /// A catch-all source takes, before the router, every path that [`endpoint_of`] calls a
+    /// mirror: none of them may be one a route takes. Asked of the router of a policy without a
+    /// catch-all, whose fallback alone answers "not found".
+    #[tokio::test]
+    async fn no_route_takes_a_path_the_catch_all_claims() {
+        let policy = crate::policy::from_yaml_str(
+            "services: { immich: {} }\nsources:\n  ha: { kind: mirror, hosts: [ha.example.com], unlocks: \"*\" }\n",
+            "test",
+        )
+        .unwrap();
+        let router = router(Gate::new(policy, Vec::new()).0);
+        let paths = [
+            "/",
+            "/x/y?z=1",
+            "/share",
+            "/share/",
+            "/share/photos",
+            "/share/a/b",
+            "/allow",
+            "/allow/",
+            "/allow/immich",
+            "/allow/a/b",
+            "/%61llow/immich",
+            "/ALLOW/immich",
+            "//allow/immich",
+            "/traefik",
+            DYNAMIC_JSON,
+            "/traefik/dynamic.json/",
+            "/verify_share_request",
+            "/verify_share_request/",
+            "/verify_share_requests",
+        ];
+        let mut routed = 0;
+        for path in paths {
+            for method in ["GET", "POST"] {
+                let mut req = http::Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(Body::empty())
+                    .unwrap();
+                let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
+                req.extensions_mut().insert(ConnectInfo(peer));
+                let res = router.clone().oneshot(req).await.unwrap();
+                let status = res.status();
+                let body = axum::body::to_bytes(res.into_body(), 1 << 16)
+                    .await
+                    .unwrap();
+                let fallback = status == StatusCode::NOT_FOUND && body == "not found\n";
+                let uri: Uri = path.parse().unwrap();
+                if endpoint_of(uri.path(), true) == Endpoint::Mirror {
+                    assert!(fallback, "{method} {path}: {status} {body:?}");
+                }
+                routed += usize::from(!fallback);
+            }
+        }
+        // The routes are there to be missed: each of the four answered some of these.
+        assert!(routed >= 8, "{routed}");
+    }
 }

@@ -269,3 +269,122 @@ fn legacy_mode_keeps_updating_a_single_file_bind_mount() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// `gatekeeper_requests_total` for `endpoint` and `status` (a code, or `other`); 0 until counted.
+fn requests_counted(admin: std::net::SocketAddr, endpoint: &str, status: &str) -> u64 {
+    let body = http(admin, "GET", "/metrics", &[], "").body;
+    let want = format!("gatekeeper_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(want.as_str()))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// The catch-all takes only what no endpoint does: forward-auth decisions, the HTTP provider's
+/// JSON, the old share endpoint and share checks answer as themselves, grant nobody, and are
+/// counted as themselves; every other request is a mirrored one.
+#[test]
+fn legacy_endpoints_win_over_the_catch_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = legacy_env(&[("MAX_IP_LEN", "5"), ("DEFAULT_SOURCE_RANGE", "")]);
+    let daemon = Daemon::start(dir.path(), &[], &env);
+    let admin = daemon.admin_addr();
+    let from = |client: &'static str| [("X-Forwarded-For", client)];
+    let ask = |method: &str, target: &str, client: &'static str| {
+        http(daemon.addr, method, target, &from(client), "")
+    };
+
+    let decision = ask("GET", "/allow/dynamic-whitelist", "203.0.113.7");
+    assert_eq!(decision.status, 403, "{decision:?}");
+    assert_eq!(ask("GET", "/allow/other", "203.0.113.7").status, 404);
+    let json = ask("GET", "/traefik/dynamic.json", "203.0.113.8");
+    assert_eq!(json.status, 200, "{json:?}");
+    assert!(json.json()["http"]["middlewares"]["dynamic-whitelist"].is_object());
+    assert_eq!(
+        ask("POST", "/traefik/dynamic.json", "203.0.113.8").status,
+        405
+    );
+    let verify = ask(
+        "GET",
+        "/verify_share_request?protocol=http&container_name_port=app:80",
+        "203.0.113.9",
+    );
+    assert_eq!(verify.status, 400, "{verify:?}");
+    assert!(verify.body.contains("no share source"), "{verify:?}");
+    let share = ask("GET", "/share/photos", "203.0.113.10");
+    assert_eq!(share.status, 404, "{share:?}");
+    assert!(share.body.contains("no share source"), "{share:?}");
+
+    // Anything else, whatever its method, path and Host, grants its client.
+    for (method, target) in [("GET", "/"), ("PUT", "/allowed/x"), ("DELETE", "/traefik")] {
+        assert_eq!(ask(method, target, "198.51.100.1").status, 200, "{target}");
+    }
+    assert_eq!(
+        ask("GET", "/allow/dynamic-whitelist", "198.51.100.1").status,
+        200
+    );
+    let file = dir.path().join("dynamic-whitelist.yml");
+    wait_for("the one mirrored client", SOON, || {
+        let lists = read_lists(&file)?;
+        if lists.get("dynamic-whitelist") == Some(&strings(&["198.51.100.1/32"])) {
+            Ok(())
+        } else {
+            Err(format!("{lists:?}"))
+        }
+    });
+    for (endpoint, status, n) in [
+        ("mirror", "200", 3),
+        ("allow", "200", 1),
+        ("allow", "403", 1),
+        ("allow", "404", 1),
+        ("dynamic_json", "200", 1),
+        ("dynamic_json", "other", 1),
+        ("verify_share_request", "400", 1),
+        ("share", "404", 1),
+    ] {
+        assert_eq!(
+            requests_counted(admin, endpoint, status),
+            n,
+            "{endpoint} {status}"
+        );
+    }
+}
+
+/// A legacy proxy mirrors whole requests, sometimes with the body after the headers: the answer
+/// does not wait for it, and the connection stays open for the next request.
+#[test]
+fn legacy_mirrored_bodies_keep_the_connection_open() {
+    use std::io::{BufRead, BufReader, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let env = legacy_env(&[("MAX_IP_LEN", "5"), ("DEFAULT_SOURCE_RANGE", "")]);
+    let daemon = Daemon::start(dir.path(), &[], &env);
+    let mut stream = std::net::TcpStream::connect(daemon.addr).unwrap();
+    stream.set_read_timeout(Some(SOON)).unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    for client in ["198.51.100.31", "198.51.100.32", "198.51.100.33"] {
+        let head = format!(
+            "POST /upload HTTP/1.1\r\nHost: app.example.net\r\nX-Forwarded-For: {client}\r\n\
+             Content-Length: 20000\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        assert!(status.starts_with("HTTP/1.1 200 "), "{client}: {status:?}");
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header).unwrap();
+            if header == "\r\n" {
+                break;
+            }
+        }
+        stream.write_all(&[b'x'; 20_000]).unwrap();
+    }
+    let file = dir.path().join("dynamic-whitelist.yml");
+    wait_for("the three clients", SOON, || {
+        let lists = read_lists(&file)?;
+        match lists.get("dynamic-whitelist") {
+            Some(list) if list.len() == 3 => Ok(()),
+            _ => Err(format!("{lists:?}")),
+        }
+    });
+}
