@@ -32,12 +32,12 @@ use crate::sinks::traefik_file;
 use crate::sources::{mirror, share};
 
 /// Where Traefik's HTTP provider reads the lists (`providers.http.endpoint`).
-pub const DYNAMIC_JSON: &str = "/traefik/dynamic.json";
+pub(crate) const DYNAMIC_JSON: &str = "/traefik/dynamic.json";
 
 /// The router for the proxy-facing listener, every endpoint included. Requests must carry
 /// `ConnectInfo<SocketAddr>` (see [`crate::server::serve`]). The daemon serves it behind
 /// [`Proxy`], which answers the hot paths before it.
-pub fn router(gate: Gate) -> Router {
+pub(crate) fn router(gate: Gate) -> Router {
     // `endpoint_of` must name every path of these routes: a path it calls a mirror is answered
     // by a catch-all source before the router (see `claim_unrouted`).
     Router::new()
@@ -57,14 +57,14 @@ pub fn router(gate: Gate) -> Router {
 /// fifth of gatekeeper's throughput (see the README's Performance section). Anything else goes to
 /// the router.
 #[derive(Clone)]
-pub struct Proxy {
+pub(crate) struct Proxy {
     gate: Gate,
     router: Router,
     peer: SocketAddr,
 }
 
 /// Makes the [`Proxy`] of each connection, for [`crate::server::serve_connections`].
-pub fn proxy(gate: Gate) -> impl FnMut(SocketAddr) -> Proxy + Send + 'static {
+pub(crate) fn proxy(gate: Gate) -> impl FnMut(SocketAddr) -> Proxy + Send + 'static {
     let router = router(gate.clone());
     move |peer| Proxy {
         gate: gate.clone(),
@@ -182,7 +182,7 @@ fn allow_service(path: &str) -> Option<Cow<'_, str>> {
 }
 
 /// The future of a [`Proxy`] answer: already made (hot paths), or the router's.
-pub enum Answer {
+pub(crate) enum Answer {
     /// Answered without the router; taken when polled.
     Ready(Option<Response>),
     /// The router's answer.

@@ -37,32 +37,32 @@ use tracing::{debug, warn};
 /// A trusted peer that has not sent a request's headers after this long is dropped (slowloris).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The same for anyone else: a stranger gets one request and little patience.
-pub const UNTRUSTED_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3);
+pub(crate) const UNTRUSTED_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3);
 /// Open connections from trusted peers (the proxy's pool, nginx/Caddy subrequests).
-pub const TRUSTED_CONNECTIONS: usize = 1024;
+pub(crate) const TRUSTED_CONNECTIONS: usize = 1024;
 /// Open connections from everyone else together.
-pub const UNTRUSTED_CONNECTIONS: usize = 128;
+pub(crate) const UNTRUSTED_CONNECTIONS: usize = 128;
 /// Open connections to the admin listener.
-pub const ADMIN_CONNECTIONS: usize = 64;
+pub(crate) const ADMIN_CONNECTIONS: usize = 64;
 /// Open admin connections from one peer address (one IPv6 /64), at most: one address holding
 /// idle connections cannot lock out the others.
-pub const ADMIN_CONNECTIONS_PER_PEER: usize = 16;
+pub(crate) const ADMIN_CONNECTIONS_PER_PEER: usize = 16;
 /// Admin connections (out of [`ADMIN_CONNECTIONS`]) that only 127.0.0.1 and ::1 may use, so the
 /// container HEALTHCHECK gets in while other peers, each within its share, hold the rest.
-pub const ADMIN_LOOPBACK_RESERVE: usize = 8;
+pub(crate) const ADMIN_LOOPBACK_RESERVE: usize = 8;
 /// The read buffer of a connection stops growing here: once it holds this much without a
 /// complete request head, hyper answers 431. (A head that completes within the read crossing the
 /// mark is still parsed, so heads up to about 56 KiB can pass; memory stays bounded either way.)
 /// nginx's default limit is 32 KiB too (4 × 8 KiB).
-pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// Headers per request, at most (hyper's default, stated here).
-pub const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// At shutdown, requests in flight get this long to finish.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serve `app` on `listener` until `shutdown` resolves, then let requests in flight finish (at
 /// most [`DRAIN_TIMEOUT`]). Each request carries its peer address as `ConnectInfo<SocketAddr>`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     app: Router,
     budget: Budget,
@@ -81,7 +81,7 @@ pub async fn serve(
 
 /// Who a connection counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
+pub(crate) enum Class {
     /// A peer inside `trusted_proxies` on the proxy-facing listener.
     Trusted,
     /// Anyone else on the proxy-facing listener.
@@ -92,7 +92,7 @@ pub enum Class {
 
 impl Class {
     /// The label in metrics and logs.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Class::Trusted => "trusted",
             Class::Untrusted => "untrusted",
@@ -107,26 +107,26 @@ impl Class {
 
 /// Open and refused connections by class, for `/metrics`.
 #[derive(Debug, Default)]
-pub struct ConnectionCounts {
+pub(crate) struct ConnectionCounts {
     open: [AtomicU64; 3],
     refused: [AtomicU64; 3],
 }
 
 impl ConnectionCounts {
     /// Connections of `class` open now.
-    pub fn open(&self, class: Class) -> u64 {
+    pub(crate) fn open(&self, class: Class) -> u64 {
         self.open[class.index()].load(Ordering::Relaxed)
     }
 
     /// Connections of `class` closed at once because its budget was full, since the start.
-    pub fn refused(&self, class: Class) -> u64 {
+    pub(crate) fn refused(&self, class: Class) -> u64 {
         self.refused[class.index()].load(Ordering::Relaxed)
     }
 }
 
 /// The connection budgets of one listener and how a peer is classed.
 #[derive(Clone)]
-pub struct Budget {
+pub(crate) struct Budget {
     classify: Arc<dyn Fn(IpAddr) -> Class + Send + Sync>,
     slots: Arc<[Arc<Semaphore>; 3]>,
     /// The admin slots kept for the host's own loopback addresses.
@@ -140,7 +140,7 @@ impl Budget {
     /// Budgets of [`TRUSTED_CONNECTIONS`], [`UNTRUSTED_CONNECTIONS`] and [`ADMIN_CONNECTIONS`]
     /// (split by peer, see [`ADMIN_CONNECTIONS_PER_PEER`] and [`ADMIN_LOOPBACK_RESERVE`]);
     /// `classify` is asked for each new connection (it may follow a reloaded policy).
-    pub fn new(
+    pub(crate) fn new(
         classify: impl Fn(IpAddr) -> Class + Send + Sync + 'static,
         counts: Arc<ConnectionCounts>,
     ) -> Self {
@@ -311,7 +311,7 @@ impl Refusals {
 /// As [`serve`], with the service of each connection made from its peer address by
 /// `connection`: the proxy-facing listener's [`crate::http::Proxy`] answers its hot paths from
 /// that, without a per-request extension.
-pub async fn serve_connections<S>(
+pub(crate) async fn serve_connections<S>(
     listener: TcpListener,
     mut connection: impl FnMut(SocketAddr) -> S,
     budget: Budget,

@@ -117,12 +117,8 @@ impl OutputWriter {
     /// writing fails, so a write does not pay for it), or of the one restored at the start.
     fn persisted(&self) -> HashSet<(String, IpNet)> {
         let written = self.state.as_ref().map(|(path, bytes)| {
-            store::decode(path, bytes).map(|entries| {
-                entries
-                    .into_iter()
-                    .map(|e| (e.source, e.network))
-                    .collect()
-            })
+            store::decode(path, bytes)
+                .map(|entries| entries.into_iter().map(|e| (e.source, e.network)).collect())
         });
         match written {
             Some(Ok(entries)) => entries,

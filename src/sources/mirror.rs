@@ -14,11 +14,14 @@ use tracing::{debug, warn};
 
 use crate::gate::{Active, Gate};
 
-pub mod config;
+pub(crate) mod config;
 
 /// The request's host, lower-case, without port or trailing dot: the absolute-form URI's
 /// authority when present (it wins over `Host` in HTTP/1.1), else the `Host` header.
-pub fn request_host_of<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<Cow<'a, str>> {
+pub(crate) fn request_host_of<'a>(
+    uri: &'a http::Uri,
+    headers: &'a HeaderMap,
+) -> Option<Cow<'a, str>> {
     let raw = match uri.authority() {
         Some(a) => a.as_str(),
         None => headers.get(header::HOST)?.to_str().ok()?,
@@ -28,7 +31,7 @@ pub fn request_host_of<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option
 
 /// `HA.Example.com:443` → `ha.example.com`; `[::1]:80` → `::1`. Borrowed when already
 /// lower-case, as proxies send it: this runs on every request.
-pub fn normalise_host(raw: &str) -> Cow<'_, str> {
+pub(crate) fn normalise_host(raw: &str) -> Cow<'_, str> {
     let raw = raw.trim();
     // Credentials in an authority (`user@host`) are never part of the host.
     let raw = raw.rsplit_once('@').map_or(raw, |(_, h)| h);
@@ -46,13 +49,13 @@ pub fn normalise_host(raw: &str) -> Cow<'_, str> {
 }
 
 /// The mirror source that claims a request with this host, if any.
-pub fn source_for_host<'a>(active: &'a Active, host: Option<&str>) -> Option<&'a str> {
+pub(crate) fn source_for_host<'a>(active: &'a Active, host: Option<&str>) -> Option<&'a str> {
     host.and_then(|h| active.mirror_hosts.get(h))
         .map(String::as_str)
 }
 
 /// Longest identity kept: a CN is at most 64 characters (RFC 5280 ub-common-name).
-pub const MAX_IDENTITY_LEN: usize = 64;
+pub(crate) const MAX_IDENTITY_LEN: usize = 64;
 
 /// The client certificate's CN from the header the proxy passes it in, parsed exactly in the
 /// format of the proxy that sends it. `None` when absent or unreadable:
@@ -67,7 +70,7 @@ pub const MAX_IDENTITY_LEN: usize = 64;
 ///   show) is the CN whole; otherwise the text after the last `,CN=`.
 ///
 /// A DN is never percent-decoded: a `%2C` in a holder-chosen attribute must stay text.
-pub fn identity(headers: &HeaderMap, header: &http::HeaderName) -> Option<String> {
+pub(crate) fn identity(headers: &HeaderMap, header: &http::HeaderName) -> Option<String> {
     let raw = headers.get(header)?.to_str().ok()?.trim();
     let cn = if raw.contains('=') {
         if raw.starts_with('/') {
