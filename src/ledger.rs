@@ -975,54 +975,114 @@ pub struct ServiceList {
 impl ServiceList {
     /// Is `ip` inside one of the allowed networks?
     pub fn allows(&self, ip: std::net::IpAddr) -> bool {
-        self.allowed.iter().any(|n| n.contains(&ip))
+        self.allowed.contains_addr(ip)
     }
 }
 
 /// A sorted, de-duplicated set of networks, each counted once per reason it is there (an
 /// `always_allow` line, an entry of a source), so removing one reason keeps the others'. A
 /// persistent B-tree: a clone is O(1), an addition or removal O(log n).
+///
+/// It also counts its networks by prefix length, so a decision looks up the address masked to
+/// each length present (usually two or three) instead of scanning every network, and allocates
+/// nothing.
 #[derive(Debug, Clone, Default)]
-pub struct Networks(imbl::OrdMap<IpNet, u32>);
+pub struct Networks {
+    map: imbl::OrdMap<IpNet, u32>,
+    /// IPv4 networks per prefix length (0..=32).
+    v4: PrefixCounts<33>,
+    /// IPv6 networks per prefix length (0..=128).
+    v6: PrefixCounts<129>,
+    /// Networks with host bits set (never made by gatekeeper, which keeps networks truncated);
+    /// while there is one, a decision scans.
+    untruncated: u32,
+}
+
+/// How many networks of each prefix length.
+#[derive(Debug, Clone)]
+struct PrefixCounts<const N: usize>([u32; N]);
+
+impl<const N: usize> Default for PrefixCounts<N> {
+    fn default() -> Self {
+        PrefixCounts([0; N])
+    }
+}
 
 impl Networks {
     /// The networks in order.
     pub fn iter(&self) -> impl Iterator<Item = &IpNet> {
-        self.0.keys()
+        self.map.keys()
+    }
+
+    /// Is `ip` inside one of the networks?
+    pub(crate) fn contains_addr(&self, ip: std::net::IpAddr) -> bool {
+        if self.untruncated > 0 {
+            return self.iter().any(|n| n.contains(&ip));
+        }
+        match ip {
+            std::net::IpAddr::V4(a) => (0..=32u8).rev().any(|len| {
+                self.v4.0[len as usize] > 0
+                    && ipnet::Ipv4Net::new(a, len)
+                        .is_ok_and(|n| self.map.contains_key(&IpNet::V4(n.trunc())))
+            }),
+            std::net::IpAddr::V6(a) => (0..=128u8).rev().any(|len| {
+                self.v6.0[len as usize] > 0
+                    && ipnet::Ipv6Net::new(a, len)
+                        .is_ok_and(|n| self.map.contains_key(&IpNet::V6(n.trunc())))
+            }),
+        }
+    }
+
+    /// Count `network` in (`add`) or out of the per-length counts.
+    fn count(&mut self, network: IpNet, add: bool) {
+        let slot = match network {
+            IpNet::V4(_) => &mut self.v4.0[network.prefix_len() as usize],
+            IpNet::V6(_) => &mut self.v6.0[network.prefix_len() as usize],
+        };
+        let untruncated = network != network.trunc();
+        if add {
+            *slot += 1;
+            self.untruncated += u32::from(untruncated);
+        } else {
+            *slot -= 1;
+            self.untruncated -= u32::from(untruncated);
+        }
     }
 
     /// How many networks.
     pub(crate) fn len(&self) -> usize {
-        self.0.len()
+        self.map.len()
     }
 
     /// Is it empty?
     pub(crate) fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.map.is_empty()
     }
 
     /// Is `network` (exactly) one of them?
     #[cfg(test)]
     pub(crate) fn contains(&self, network: &IpNet) -> bool {
-        self.0.contains_key(network)
+        self.map.contains_key(network)
     }
 
     /// One more reason for `network` to be there.
     fn add(&mut self, network: IpNet) {
-        match self.0.get_mut(&network) {
+        match self.map.get_mut(&network) {
             Some(n) => *n += 1,
             None => {
-                self.0.insert(network, 1);
+                self.map.insert(network, 1);
+                self.count(network, true);
             }
         }
     }
 
     /// One reason fewer; the network goes with its last.
     fn remove(&mut self, network: IpNet) {
-        match self.0.get_mut(&network) {
+        match self.map.get_mut(&network) {
             Some(n) if *n > 1 => *n -= 1,
             Some(_) => {
-                self.0.remove(&network);
+                self.map.remove(&network);
+                self.count(network, false);
             }
             None => {}
         }
@@ -1032,7 +1092,7 @@ impl Networks {
 /// The same networks, however often each is counted.
 impl PartialEq for Networks {
     fn eq(&self, other: &Self) -> bool {
-        self.0.ptr_eq(&other.0) || (self.len() == other.len() && self.iter().eq(other.iter()))
+        self.map.ptr_eq(&other.map) || (self.len() == other.len() && self.iter().eq(other.iter()))
     }
 }
 
@@ -1079,6 +1139,65 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    /// A decision looks up the address per prefix length present; it must agree with scanning
+    /// every network, for overlapping ranges of both families, after removals, and with a
+    /// network that has host bits set (which makes it scan).
+    #[test]
+    fn a_decision_by_prefix_lookups_agrees_with_a_scan() {
+        let scan = |l: &Networks, ip: std::net::IpAddr| l.iter().any(|n| n.contains(&ip));
+        let probes: Vec<std::net::IpAddr> = [
+            "10.1.2.3",
+            "10.1.2.4",
+            "10.9.9.9",
+            "192.168.7.7",
+            "203.0.113.7",
+            "8.8.8.8",
+            "2001:db8::1",
+            "2001:db8:0:1::1",
+            "2001:db8:1::5",
+            "::1",
+            "fe80::1",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let mut l: Networks = [
+            "10.1.2.3/32",
+            "10.1.0.0/16",
+            "192.168.0.0/16",
+            "2001:db8::/64",
+            "2001:db8::/32",
+            "::1/128",
+        ]
+        .iter()
+        .map(|n| net(n))
+        .collect();
+        let check = |l: &Networks| {
+            for ip in &probes {
+                assert_eq!(l.contains_addr(*ip), scan(l, *ip), "{ip} in {:?}", l.map);
+            }
+        };
+        check(&l);
+        assert!(l.contains_addr("10.1.9.9".parse().unwrap()));
+        l.remove(net("10.1.0.0/16"));
+        check(&l);
+        assert!(!l.contains_addr("10.1.9.9".parse().unwrap()));
+        assert!(l.contains_addr("10.1.2.3".parse().unwrap()));
+        l.remove(net("2001:db8::/32"));
+        check(&l);
+        assert!(!l.contains_addr("2001:db8:1::5".parse().unwrap()));
+        l.add(IpNet::V4("8.8.8.8/8".parse().unwrap()));
+        assert_eq!(l.untruncated, 1);
+        check(&l);
+        assert!(l.contains_addr("8.1.1.1".parse().unwrap()));
+        l.remove(IpNet::V4("8.8.8.8/8".parse().unwrap()));
+        assert_eq!(l.untruncated, 0);
+        l.add(net("0.0.0.0/0"));
+        check(&l);
+        assert!(l.contains_addr("8.8.8.8".parse().unwrap()));
+        assert!(!l.contains_addr("fe80::1".parse().unwrap()));
     }
 
     #[test]
